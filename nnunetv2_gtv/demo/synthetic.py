@@ -1,0 +1,270 @@
+"""Synthetic head-and-neck CT volumes with a nasopharyngeal GTV, written as an nnU-Net v2 raw dataset.
+
+The anatomy is defined in physical (LPS) coordinates, normalised to the scan's field of view, and then
+sampled on each case's voxel grid. A case written with a flipped axis therefore shows the same anatomy
+in the world, only stored in another voxel order, which is what orientation handling has to cope with.
+
+Along the superior axis (LPS +z) the scan holds, from bottom to top: shoulders, neck, head. The head has
+a skull shell, the neck a spine and an airway that widens into the nasopharynx; the GTV (label 1) is a
+small, low-contrast blob on the posterior nasopharynx wall; unlabeled GTV-like nodes sit lower in the neck.
+
+Run ``gtv-synthetic --help`` (or ``python -m nnunetv2_gtv.demo.synthetic --help``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+# HU values of the tissues
+AIR_HU = -1000.0
+FAT_HU = -90.0
+SOFT_TISSUE_HU = 40.0
+GTV_HU = 65.0
+BONE_HU = 1100.0
+SPINE_HU = 700.0
+NOISE_SD_HU = 12.0
+
+# Fractions of the superior-inferior extent (0 = bottom slice, 1 = top slice) where regions begin.
+NECK_START = 0.28
+HEAD_START = 0.58
+
+ORIENTATIONS = {
+    "identity": (1, 1, 1),
+    "flip_superior": (1, 1, -1),
+    "flip_inplane": (-1, -1, 1),
+}
+
+
+@dataclass(frozen=True)
+class CaseGeometry:
+    """Grid of one case: array shape (z, y, x), spacing (x, y, z) in mm, axis signs of a diagonal direction."""
+
+    shape_zyx: tuple[int, int, int]
+    spacing_xyz: tuple[float, float, float]
+    axis_signs_xyz: tuple[int, int, int] = (1, 1, 1)
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        sx, sy, sz = self.axis_signs_xyz
+        return (float(sx), 0.0, 0.0, 0.0, float(sy), 0.0, 0.0, 0.0, float(sz))
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """Origin that puts the centre of the volume at the world origin."""
+        size_xyz = self.shape_zyx[::-1]
+        return tuple(-s * (n - 1) * sp / 2 for s, n, sp in zip(self.axis_signs_xyz, size_xyz, self.spacing_xyz))
+
+    def world_axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """World coordinate (mm) of every index along x, y and z (the direction is diagonal)."""
+        size_xyz = self.shape_zyx[::-1]
+        return tuple(
+            o + s * np.arange(n) * sp
+            for o, s, n, sp in zip(self.origin, self.axis_signs_xyz, size_xyz, self.spacing_xyz)
+        )
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx, cy, rx, ry) -> np.ndarray:
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def render_case(geometry: CaseGeometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Return (image in HU as int16, label as uint8), both as (z, y, x) arrays on ``geometry``'s grid."""
+    wx, wy, wz = geometry.world_axes()
+    half_x = (wx.max() - wx.min()) / 2 + 1e-6
+    half_y = (wy.max() - wy.min()) / 2 + 1e-6
+    z_lo, z_hi = wz.min(), wz.max()
+    # normalised coordinates: u (left-right) and v (posterior +) in [-1, 1], s (superior) in [0, 1]
+    u = (wx / half_x)[None, None, :]
+    v = (wy / half_y)[None, :, None]
+    s = ((wz - z_lo) / max(z_hi - z_lo, 1e-6))[:, None, None]
+    shape = geometry.shape_zyx
+    u, v, s = np.broadcast_arrays(u, v, s)
+
+    # a little per-case anatomical variation
+    jitter = lambda scale: 1.0 + scale * rng.uniform(-1, 1)  # noqa: E731
+    head_rx, head_ry = 0.62 * jitter(0.06), 0.78 * jitter(0.06)
+    neck_r = 0.36 * jitter(0.08)
+    shoulder_rx, shoulder_ry = 0.95, 0.62 * jitter(0.05)
+
+    in_shoulders = s < NECK_START
+    in_neck = (s >= NECK_START) & (s < HEAD_START)
+    in_head = s >= HEAD_START
+    # the head rounds off towards the vertex
+    vertex = np.clip((s - 0.88) / 0.12, 0, 1)
+    head_scale = np.sqrt(np.clip(1 - vertex**2, 0.05, 1))
+
+    body = np.zeros(shape, dtype=bool)
+    body |= in_shoulders & _ellipse(u, v, 0, 0.05, shoulder_rx, shoulder_ry)
+    body |= in_neck & _ellipse(u, v, 0, 0.1, neck_r, neck_r * 1.1)
+    body |= in_head & _ellipse(u, v, 0, 0, head_rx * head_scale, head_ry * head_scale)
+
+    image = np.full(shape, AIR_HU, dtype=np.float32)
+    image[body] = SOFT_TISSUE_HU
+    # subcutaneous fat: the outer rim of the body
+    inner = np.zeros(shape, dtype=bool)
+    inner |= in_shoulders & _ellipse(u, v, 0, 0.05, shoulder_rx - 0.06, shoulder_ry - 0.06)
+    inner |= in_neck & _ellipse(u, v, 0, 0.1, neck_r - 0.05, neck_r * 1.1 - 0.05)
+    inner |= in_head & _ellipse(u, v, 0, 0, head_rx * head_scale - 0.05, head_ry * head_scale - 0.05)
+    image[body & ~inner] = FAT_HU
+
+    # skull: a bone shell inside the head
+    skull_outer = in_head & _ellipse(u, v, 0, 0, head_rx * head_scale - 0.06, head_ry * head_scale - 0.06)
+    skull_inner = _ellipse(u, v, 0, 0, head_rx * head_scale - 0.14, head_ry * head_scale - 0.14)
+    image[skull_outer & ~skull_inner & (s > HEAD_START + 0.08)] = BONE_HU
+    # spine: posterior column through shoulders and neck up to the skull base
+    spine = (s < HEAD_START + 0.06) & _ellipse(u, v, 0, 0.42, 0.11, 0.11)
+    image[spine & body] = SPINE_HU
+    # airway: anterior to the spine in the neck, widening into the nasopharynx in the lower head
+    airway = (s >= NECK_START - 0.05) & (s < HEAD_START) & _ellipse(u, v, 0, 0.05, 0.08, 0.07)
+    nasopharynx_band = (s >= HEAD_START) & (s < HEAD_START + 0.14)
+    nasopharynx = nasopharynx_band & _ellipse(u, v, 0, -0.02, 0.17, 0.11)
+    nasal_cavity = (s >= HEAD_START + 0.04) & (s < HEAD_START + 0.2) & _ellipse(u, v, 0, -0.3, 0.1, 0.18)
+    image[airway | nasopharynx | nasal_cavity] = AIR_HU
+
+    # GTV on the posterior (and one lateral) wall of the nasopharynx: low contrast against soft tissue
+    side = rng.choice([-1.0, 1.0])
+    gtv_centre = (side * rng.uniform(0.04, 0.1), 0.1 + rng.uniform(-0.01, 0.02), HEAD_START + 0.07)
+    gtv_radius = np.array([0.11, 0.08, 0.06]) * jitter(0.2)
+    gtv = (
+        ((u - gtv_centre[0]) / gtv_radius[0]) ** 2
+        + ((v - gtv_centre[1]) / gtv_radius[1]) ** 2
+        + ((s - gtv_centre[2]) / gtv_radius[2]) ** 2
+    ) <= 1.0
+    gtv &= body & ~nasopharynx & ~(image >= SPINE_HU)
+    image[gtv] = GTV_HU
+
+    # GTV-like lymph nodes in the neck, not labelled
+    for _ in range(2):
+        centre = (rng.uniform(-0.25, 0.25), rng.uniform(-0.05, 0.2), rng.uniform(NECK_START + 0.04, HEAD_START - 0.06))
+        node = (((u - centre[0]) / 0.07) ** 2 + ((v - centre[1]) / 0.07) ** 2 + ((s - centre[2]) / 0.05) ** 2) <= 1
+        image[node & body & (image == SOFT_TISSUE_HU)] = GTV_HU
+
+    image += rng.normal(0, NOISE_SD_HU, size=shape).astype(np.float32)
+    return np.clip(np.round(image), -1024, 3071).astype(np.int16), gtv.astype(np.uint8)
+
+
+def random_geometry(rng: np.random.Generator, in_plane_size: int, num_slices: int, orientation: str,
+                    in_plane_mm: tuple[float, float] = (0.8, 1.2),
+                    slice_mm: tuple[float, float] = (2.5, 3.5)) -> CaseGeometry:
+    """Per-case anisotropic spacing drawn uniformly from the given ranges (default: in-plane 0.8-1.2 mm, slices
+    2.5-3.5 mm)."""
+    in_plane = float(np.round(rng.uniform(*in_plane_mm), 3))
+    slice_thickness = float(np.round(rng.uniform(*slice_mm), 2))
+    n_slices = max(8, int(round(num_slices * rng.uniform(0.9, 1.1))))
+    return CaseGeometry((n_slices, in_plane_size, in_plane_size), (in_plane, in_plane, slice_thickness),
+                        ORIENTATIONS[orientation])
+
+
+def _to_sitk(array: np.ndarray, geometry: CaseGeometry) -> sitk.Image:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(geometry.spacing_xyz)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def _orientation_plan(n_cases: int, mode: str) -> list[str]:
+    if mode == "identity":
+        return ["identity"] * n_cases
+    cycle = list(ORIENTATIONS)
+    return [cycle[i % len(cycle)] for i in range(n_cases)]
+
+
+def write_dataset(
+    raw_dir: str | os.PathLike,
+    dataset_id: int,
+    name: str = "SyntheticGTV",
+    num_train: int = 8,
+    num_test: int = 2,
+    in_plane_size: int = 96,
+    num_slices: int = 40,
+    seed: int = 0,
+    orientations: str = "identity",
+    overwrite: bool = False,
+    in_plane_mm: tuple[float, float] = (0.8, 1.2),
+    slice_mm: tuple[float, float] = (2.5, 3.5),
+) -> Path:
+    """Write ``<raw_dir>/DatasetXXX_<name>`` and return its path.
+
+    The dataset is assembled in a temporary folder next to the target and renamed into place, so a
+    crash never leaves a half-written dataset. ``orientations="mixed"`` cycles identity, flipped superior
+    axis and flipped in-plane axes over the cases.
+    """
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"dataset id must be between 1 and 999, got {dataset_id}")
+    if num_train < 1:
+        raise ValueError("num_train must be at least 1")
+    raw_dir = Path(raw_dir)
+    target = raw_dir / f"Dataset{dataset_id:03d}_{name}"
+    existing = [p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*")] if raw_dir.is_dir() else []
+    if any(p.is_dir() and any(p.iterdir()) for p in existing) and not overwrite:
+        raise FileExistsError(
+            f"{existing[0]} exists and is not empty; pass --overwrite to replace it (dataset id {dataset_id})"
+        )
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_dir))
+    try:
+        splits = [("Tr", f"case_{i:03d}") for i in range(num_train)]
+        splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]
+        for (split, case), orientation in zip(splits, _orientation_plan(len(splits), orientations)):
+            geometry = random_geometry(rng, in_plane_size, num_slices, orientation, in_plane_mm, slice_mm)
+            image, label = render_case(geometry, rng)
+            (staging / f"images{split}").mkdir(exist_ok=True)
+            (staging / f"labels{split}").mkdir(exist_ok=True)
+            sitk.WriteImage(_to_sitk(image, geometry), str(staging / f"images{split}" / f"{case}_0000.nii.gz"))
+            sitk.WriteImage(_to_sitk(label, geometry), str(staging / f"labels{split}" / f"{case}.nii.gz"))
+        generate_dataset_json(
+            str(staging), channel_names={0: "CT"}, labels={"background": 0, "GTV": 1}, num_training_cases=num_train,
+            file_ending=".nii.gz", dataset_name=target.name,
+            description="Synthetic head-and-neck CT with a nasopharyngeal GTV (nnunetv2_gtv.demo.synthetic)",
+            seed=seed, orientations=orientations,
+        )
+        for old in existing:
+            shutil.rmtree(old)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gtv-synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", default=os.environ.get("nnUNet_raw"),
+                        help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
+    parser.add_argument("-d", "--dataset-id", type=int, default=990)
+    parser.add_argument("-n", "--name", default="SyntheticGTV")
+    parser.add_argument("--num-train", type=int, default=8)
+    parser.add_argument("--num-test", type=int, default=2, help="cases written to imagesTs/labelsTs")
+    parser.add_argument("--size", type=int, default=96, help="in-plane size in voxels (up to 512)")
+    parser.add_argument("--slices", type=int, default=40, help="approximate number of slices (varies by 10 %%)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--orientations", choices=["identity", "mixed"], default="identity",
+                        help="mixed: cycle identity, flipped superior axis and flipped in-plane axes")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    args = parser.parse_args(argv)
+    if not args.output:
+        parser.error("no output folder: pass -o or set nnUNet_raw")
+    try:
+        path = write_dataset(args.output, args.dataset_id, args.name, args.num_train, args.num_test, args.size,
+                             args.slices, args.seed, args.orientations, args.overwrite)
+    except (FileExistsError, ValueError) as err:
+        print(f"gtv-synthetic: error: {err}", file=sys.stderr)
+        return 2
+    print(f"gtv-synthetic: wrote {args.num_train} training and {args.num_test} test cases to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
