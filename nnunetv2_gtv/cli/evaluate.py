@@ -1,0 +1,54 @@
+"""``gtv-evaluate``: Dice, ASSD, HD95, RVE, error rate per uncertainty level and VVC against 1 - Dice of a fused folder."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from nnunetv2_gtv.evaluation.folders import EvaluationInputError
+from nnunetv2_gtv.evaluation.pipeline import EvaluationSettings, evaluate_folder
+from nnunetv2_gtv.evaluation.report import REPORT_NAME, write_report
+from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gtv-evaluate", description=__doc__)
+    parser.add_argument("-p", "--predictions", required=True, type=Path,
+                        help="fused output folder of gtv-uncertainty (<case>, <case>_entropy, summary.csv/json)")
+    parser.add_argument("-r", "--reference", required=True, type=Path, help="folder of reference labels <case>")
+    parser.add_argument("-o", "--output", type=Path, help="report folder (default: PREDICTIONS/evaluation)")
+    parser.add_argument("--label", type=int, default=1, help="foreground label to evaluate (default: 1)")
+    parser.add_argument("--error-region", choices=REGION_KINDS, default="bbox",
+                        help="where pixel errors are counted: bbox = bounding box of prediction, reference and "
+                             "entropy > 0 grown by --margin-mm; body = CT > --body-threshold (needs --images); "
+                             "image = whole image (default: bbox)")
+    parser.add_argument("--margin-mm", type=float, default=10.0, help="bbox margin in mm (default: 10)")
+    parser.add_argument("--images", type=Path, help="CT images <case>_0000<ending> for --error-region body")
+    parser.add_argument("--body-threshold", type=float, default=-300.0, help="body HU threshold (default: -300)")
+    parser.add_argument("--entropy-decimals", type=int, default=4,
+                        help="entropy values are rounded to this many decimals to form levels (default: 4)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="skip (and record) cases without a reference instead of failing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = EvaluationSettings(args.label, args.error_region, args.margin_mm, args.images, args.body_threshold,
+                                  args.entropy_decimals, args.skip_missing)
+    output = args.output or args.predictions / "evaluation"
+    command = shlex.join(["gtv-evaluate", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        result = evaluate_folder(args.predictions, args.reference, settings)
+        written = write_report(result, output, command)
+    except EvaluationInputError as error:
+        print(f"gtv-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"gtv-evaluate: evaluated {len(result.cases)} cases; wrote {len(written)} files to {output} "
+          f"(start with {output / REPORT_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Evaluate a fused-output folder case by case against a folder of reference labels."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nnunetv2_gtv.evaluation.folders import (
+    EvaluationInputError,
+    ModelFolder,
+    Volume,
+    check_same_grid,
+    detect_file_ending,
+    find_image,
+    list_cases,
+    model_folders,
+    parse_float,
+    read_summary_csv,
+    read_summary_json,
+    read_volume,
+)
+from nnunetv2_gtv.evaluation.metrics import compute_metrics
+from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS, LevelCount, error_region, level_counts
+
+FUSED = "fused"
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Options of one evaluation; see :mod:`nnunetv2_gtv.evaluation.uncertainty_analysis` for the regions.
+
+    ``label`` is the foreground label the metrics are computed for. ``images_dir`` holds the CT images as
+    ``<case>_0000<file_ending>`` (nnU-Net naming) and is needed by the ``body`` region only.
+    """
+
+    label: int = 1
+    error_region: str = "bbox"
+    margin_mm: float = 10.0
+    images_dir: Path | None = None
+    body_threshold_hu: float = -300.0
+    entropy_decimals: int = 4
+    skip_missing: bool = False
+
+
+@dataclass
+class EvaluationResult:
+    """Everything the report is made from. ``metrics`` rows hold ``case``, ``source`` and the metric fields."""
+
+    fused_dir: Path
+    labels_dir: Path
+    file_ending: str
+    settings: EvaluationSettings
+    models: list[ModelFolder]
+    cases: list[str] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    level_counts: dict[str, list[LevelCount]] = field(default_factory=dict)
+    vvc: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise EvaluationInputError(f"{path}: {what} folder does not exist")
+
+
+def _check_settings(settings: EvaluationSettings) -> None:
+    if settings.error_region not in REGION_KINDS:
+        raise EvaluationInputError(f"unknown error region {settings.error_region!r}; choose {', '.join(REGION_KINDS)}")
+    if settings.error_region == "body":
+        if settings.images_dir is None:
+            raise EvaluationInputError("the body error region needs the CT images folder (--images)")
+        _require_dir(settings.images_dir, "CT images")
+    if settings.margin_mm < 0:
+        raise EvaluationInputError(f"the bounding-box margin must be >= 0 mm, got {settings.margin_mm}")
+
+
+def _references(cases: list[str], result: EvaluationResult) -> dict[str, Path]:
+    found = {case: find_image(result.labels_dir, case, result.file_ending) for case in cases}
+    missing = [case for case, path in found.items() if path is None]
+    if missing and not result.settings.skip_missing:
+        raise EvaluationInputError(
+            f"{result.labels_dir}: no reference label for {len(missing)} of {len(cases)} cases: {', '.join(missing)} "
+            f"(expected <case>{result.file_ending}; pass --skip-missing to evaluate the others)")
+    for case in missing:
+        result.skipped.append({"case": case, "reason": f"no reference in {result.labels_dir}"})
+    return {case: path for case, path in found.items() if path is not None}
+
+
+def _level_counts(case: str, fused: Volume, reference: Volume, result: EvaluationResult) -> list[LevelCount] | None:
+    settings = result.settings
+    entropy_path = result.fused_dir / f"{case}_entropy{result.file_ending}"
+    if not entropy_path.is_file():
+        result.notes.append(f"{case}: no entropy map ({entropy_path.name}); left out of the error-rate table")
+        return None
+    entropy = read_volume(entropy_path)
+    check_same_grid(entropy, fused)
+    ct = None
+    if settings.error_region == "body":
+        ct_path = find_image(settings.images_dir, f"{case}_0000", result.file_ending)
+        if ct_path is None:
+            raise EvaluationInputError(f"{settings.images_dir}: no CT image {case}_0000{result.file_ending} "
+                                       "for the body error region")
+        ct_volume = read_volume(ct_path)
+        check_same_grid(ct_volume, reference)
+        ct = ct_volume.array
+    region = error_region(settings.error_region, fused.array, reference.array, entropy.array, reference.spacing_zyx,
+                          settings.margin_mm, ct, settings.body_threshold_hu)
+    try:
+        return level_counts(entropy.array, fused.array, reference.array, region, settings.entropy_decimals)
+    except ValueError as error:
+        raise EvaluationInputError(f"{entropy_path}: {error}")
+
+
+def _model_metrics(case: str, reference: Volume, ref_mask, result: EvaluationResult) -> None:
+    for model in result.models:
+        if model.path is None:
+            continue
+        path = find_image(model.path, case, result.file_ending)
+        if path is None:
+            result.notes.append(f"{case}: no prediction in {model.name} ({model.path}); not in {model.name}'s means")
+            continue
+        prediction = read_volume(path)
+        check_same_grid(prediction, reference)
+        metrics = compute_metrics(prediction.array == result.settings.label, ref_mask, reference.spacing_zyx)
+        result.metrics.append({"case": case, "source": model.name, **metrics.as_dict()})
+
+
+def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSettings = EvaluationSettings()
+                    ) -> EvaluationResult:
+    """Compute all per-case numbers; raises :class:`EvaluationInputError` naming the offending file."""
+    fused_dir, labels_dir = Path(fused_dir), Path(labels_dir)
+    _require_dir(fused_dir, "predictions")
+    _require_dir(labels_dir, "reference labels")
+    _check_settings(settings)
+    file_ending = detect_file_ending(fused_dir)
+    cases = list_cases(fused_dir, file_ending)
+    if not cases:
+        raise EvaluationInputError(f"{fused_dir}: no segmentations <case>{file_ending}")
+    result = EvaluationResult(fused_dir, labels_dir, file_ending, settings,
+                              model_folders(read_summary_json(fused_dir), fused_dir))
+    for model in result.models:
+        if model.path is None:
+            result.notes.append(f"{model.name}: folder {model.listed_as} (summary.json inputs) not found; "
+                                "no per-model metrics for it")
+    summary_rows = read_summary_csv(fused_dir)
+    if summary_rows is None:
+        result.notes.append(f"{fused_dir / 'summary.csv'} not found: no VVC analysis")
+    references = _references(cases, result)
+    if not references:
+        raise EvaluationInputError(f"{labels_dir}: none of the {len(cases)} cases has a reference label")
+    for case in tqdm(list(references), desc="gtv-evaluate", unit="case"):
+        reference = read_volume(references[case])
+        fused = read_volume(fused_dir / f"{case}{file_ending}")
+        check_same_grid(fused, reference)
+        ref_mask = reference.array == settings.label
+        metrics = compute_metrics(fused.array == settings.label, ref_mask, reference.spacing_zyx)
+        result.cases.append(case)
+        result.metrics.append({"case": case, "source": FUSED, **metrics.as_dict()})
+        counts = _level_counts(case, fused, reference, result)
+        if counts is not None:
+            result.level_counts[case] = counts
+        if summary_rows is not None:
+            result.vvc[case] = parse_float(summary_rows.get(case, {}).get("vvc"))
+        _model_metrics(case, reference, ref_mask, result)
+    return result

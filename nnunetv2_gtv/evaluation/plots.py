@@ -1,0 +1,79 @@
+"""The evaluation's PNG plots.
+
+Figures are built with ``matplotlib.figure.Figure`` directly, which renders with the Agg canvas and never
+touches pyplot's global backend, so no display is needed and an interactive session is left alone.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from nnunetv2_gtv.evaluation.folders import atomic_output
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+
+
+def _no_data(axes: Axes, text: str) -> None:
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def error_rate_plot(levels: list[float], per_case: dict[str, list[float]], mean: list[float], path: Path) -> None:
+    """Bars: mean error rate (%) over cases per entropy level; grey lines: the individual cases."""
+    figure, axes = _figure(6, 4)
+    if not levels:
+        _no_data(axes, "no entropy maps")
+    else:
+        x = np.arange(1, len(levels) + 1)
+        axes.bar(x, np.nan_to_num(mean), color="tab:blue", alpha=0.6, label="mean over cases")
+        for rates in per_case.values():
+            axes.plot(x, rates, color="grey", marker="o", markersize=3, linewidth=0.8, alpha=0.7)
+        axes.set_xticks(x, [f"level {i}\nH={level:.3f}" for i, level in zip(x, levels)])
+        axes.set_ylabel("pixel error rate (%)")
+        axes.legend()
+    axes.set_title("Error rate per uncertainty level")
+    _save(figure, path)
+
+
+def vvc_plot(one_minus_dice: list[float], vvc: list[float], stats: dict, path: Path) -> None:
+    """Scatter of VVC against 1 - Dice, with the correlation coefficients in the title."""
+    figure, axes = _figure(5, 4)
+    finite = [(x, y) for x, y in zip(one_minus_dice, vvc) if math.isfinite(x) and math.isfinite(y)]
+    if not finite:
+        _no_data(axes, "no VVC values")
+    else:
+        axes.scatter(*zip(*finite), color="tab:red")
+        axes.set_xlabel("1 - Dice")
+        axes.set_ylabel("VVC")
+    axes.set_title(f"VVC vs 1 - Dice: Pearson r={stats['pearson_r']:.3f}, Spearman rho={stats['spearman_rho']:.3f}",
+                   fontsize=9)
+    _save(figure, path)
+
+
+def dice_box_plot(dice_by_source: dict[str, list[float]], path: Path) -> None:
+    """One box per source (fused, model_1, ...) with the per-case Dice values as points."""
+    figure, axes = _figure(max(4.0, 1.2 * len(dice_by_source) + 2), 4)
+    names = list(dice_by_source)
+    axes.boxplot([dice_by_source[n] for n in names])
+    axes.set_xticks(range(1, len(names) + 1), names)
+    for i, name in enumerate(names, start=1):
+        values = dice_by_source[name]
+        axes.scatter(np.full(len(values), i) + np.linspace(-0.08, 0.08, len(values)), values, s=12, color="k", zorder=3)
+    axes.set_ylabel("Dice")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_title("Dice per case")
+    _save(figure, path)

@@ -1,0 +1,245 @@
+"""Write an evaluation as metrics.csv, error_rates.csv, evaluation.json, report.md and three PNG plots.
+
+Units in every output: Dice as a fraction (0-1), distances in mm, RVE and error rates in percent,
+volumes in ml. Mean ± std are over cases (sample std, ddof=1); undefined values (NaN, written as empty
+CSV cells / JSON null) are left out of a mean and counted in ``n_undefined``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import scipy
+import SimpleITK as sitk
+
+from nnunetv2_gtv import __version__
+from nnunetv2_gtv.evaluation import plots
+from nnunetv2_gtv.evaluation.folders import atomic_output
+from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise
+from nnunetv2_gtv.evaluation.pipeline import FUSED, EvaluationResult, EvaluationSettings
+from nnunetv2_gtv.evaluation.uncertainty_analysis import correlation, error_rate_table
+
+METRICS_CSV = "metrics.csv"
+ERROR_RATES_CSV = "error_rates.csv"
+JSON_NAME = "evaluation.json"
+REPORT_NAME = "report.md"
+ERROR_RATE_PNG = "error_rate_per_level.png"
+VVC_PNG = "vvc_vs_1_minus_dice.png"
+DICE_PNG = "dice_per_case.png"
+MANY_LEVELS = 20  # more distinct entropy values than N-model votes give in practice
+DIGITS = {"dice": 4, "assd_mm": 2, "hd95_mm": 2, "rve_percent": 1}
+METRIC_HEADERS = {"dice": "Dice", "assd_mm": "ASSD (mm)", "hd95_mm": "HD95 (mm)", "rve_percent": "RVE (%)"}
+DEFINITIONS = {
+    "dice": "2|P&G| / (|P|+|G|)",
+    "assd_mm": "mean of all surface-to-surface distances, both directions pooled (paper eq. 9); surface = mask "
+               "XOR its 6-connected erosion; exact EDT with the voxel spacing",
+    "hd95_mm": "max of the two directed 95th percentiles of surface-to-surface distances",
+    "rve_percent": "100 |V_pred - V_ref| / V_ref",
+    "empty_masks": "both empty: Dice 1, ASSD 0, HD95 0, RVE 0; one empty: Dice 0, ASSD = HD95 = image diagonal "
+                   "(mm), RVE 100 (empty prediction) or undefined (empty reference, left out of the RVE mean)",
+    "error": "a voxel whose predicted label differs from the reference label",
+    "levels": "distinct entropy values after rounding",
+    "std": "sample standard deviation over cases (ddof=1)",
+}
+
+
+def _region_description(settings: EvaluationSettings) -> str:
+    return {
+        "bbox": f"bounding box of prediction ∪ reference ∪ entropy > 0, grown by {settings.margin_mm} mm",
+        "body": f"body (CT > {settings.body_threshold_hu} HU, holes filled per slice) ∪ prediction ∪ reference ∪ "
+                "entropy > 0",
+        "image": "whole image",
+    }[settings.error_region]
+
+
+def _sources(result: EvaluationResult) -> list[str]:
+    return [FUSED] + [m.name for m in result.models if any(r["source"] == m.name for r in result.metrics)]
+
+
+def _rows(result: EvaluationResult, source: str) -> list[dict]:
+    return [row for row in result.metrics if row["source"] == source]
+
+
+def _vvc_pairs(result: EvaluationResult) -> tuple[list[str], list[float], list[float]]:
+    dice = {row["case"]: row["dice"] for row in _rows(result, FUSED)}
+    cases = [case for case in result.cases if case in result.vvc]
+    return cases, [result.vvc[c] for c in cases], [1.0 - dice[c] for c in cases]
+
+
+def build_summary(result: EvaluationResult, command: str) -> dict:
+    """The JSON document: settings, per-case rows, mean ± std per source, error-rate table, VVC correlation."""
+    summary = {source: {name: summarise([row[name] for row in _rows(result, source)]) for name in METRIC_NAMES}
+               for source in _sources(result)}
+    table = error_rate_table(result.level_counts)
+    cases, vvc, one_minus_dice = _vvc_pairs(result)
+    empty = [{"case": r["case"], "source": r["source"], "empty": r["empty"]}
+             for r in result.metrics if r["empty"] != "none"]
+    notes = list(result.notes)
+    if len(table["levels"]) > MANY_LEVELS:
+        notes.append(f"{len(table['levels'])} entropy levels: the entropy looks continuous (not N-model votes); "
+                     "a smaller --entropy-decimals (e.g. 1) groups it into fewer levels")
+    return {
+        "command": command,
+        "versions": {"nnunetv2_gtv": __version__, "python": platform.python_version(), "numpy": np.__version__,
+                     "scipy": scipy.__version__, "SimpleITK": sitk.Version_VersionString()},
+        "inputs": {"predictions": str(result.fused_dir), "reference": str(result.labels_dir),
+                   "file_ending": result.file_ending,
+                   "models": [{"name": m.name, "listed_as": m.listed_as, "found": m.path is not None}
+                              for m in result.models]},
+        "settings": {key: (str(value) if isinstance(value, Path) else value)
+                     for key, value in asdict(result.settings).items()},
+        "definitions": DEFINITIONS,
+        "cases": result.cases,
+        "metrics": result.metrics,
+        "summary": summary,
+        "empty_masks": empty,
+        "error_rate": {
+            "region": result.settings.error_region,
+            "region_description": _region_description(result.settings),
+            "levels": table["levels"],
+            "per_case_percent": {case: [100 * r for r in rates] for case, rates in table["per_case"].items()},
+            "mean_over_cases_percent": [100 * r for r in table["mean_over_cases"]],
+            "n_cases": table["n_cases"],
+            "pooled_percent": [100 * r for r in table["pooled"]],
+            "voxels": table["voxels"],
+            "errors": table["errors"],
+        },
+        "vvc_vs_1_minus_dice": {"cases": cases, "vvc": vvc, "one_minus_dice": one_minus_dice,
+                                **correlation(vvc, one_minus_dice)},
+        "skipped_cases": result.skipped,
+        "notes": notes,
+    }
+
+
+def _json_safe(value):
+    """NaN and infinities become null: strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows([[_cell(v) for v in row] for row in rows])
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(stats: dict, digits: int) -> str:
+    text = _fmt(stats["mean"], digits)
+    if math.isfinite(stats["std"]):
+        text += f" ± {_fmt(stats['std'], digits)}"
+    if stats["n_undefined"]:
+        text += f" ({stats['n_undefined']} undefined)"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+
+def _correlation_sentence(stats: dict) -> str:
+    def p_value(p: float) -> str:
+        return "–" if not math.isfinite(p) else f"{p:.2g}"
+
+    text = (f"Pearson r = {_fmt(stats['pearson_r'], 3)} (p = {p_value(stats['pearson_p'])}), "
+            f"Spearman rho = {_fmt(stats['spearman_rho'], 3)} (p = {p_value(stats['spearman_p'])}), n = {stats['n']}")
+    if stats["n_excluded"]:
+        text += f", {stats['n_excluded']} cases without a finite VVC left out"
+    if stats["note"]:
+        text += f". {stats['note']}"
+    return text + "."
+
+
+def markdown(doc: dict) -> str:
+    """report.md: tables of the JSON document and links to the PNGs."""
+    inputs, settings = doc["inputs"], doc["settings"]
+    lines = ["# GTV evaluation", "",
+             f"Predictions `{inputs['predictions']}` against reference `{inputs['reference']}`: "
+             f"{len(doc['cases'])} cases, label {settings['label']}, files `*{inputs['file_ending']}`.", "",
+             "## Segmentation metrics (mean ± sample std over cases)", ""]
+    rows = [[source, str(stats["dice"]["n"] + stats["dice"]["n_undefined"])]
+            + [_mean_std(stats[name], DIGITS[name]) for name in METRIC_NAMES]
+            for source, stats in doc["summary"].items()]
+    lines += _table(["Source", "Cases"] + list(METRIC_HEADERS.values()), rows)
+    lines += ["", "Per case (fused):", ""]
+    per_case = [[row["case"]] + [_fmt(row[name], DIGITS[name]) for name in METRIC_NAMES]
+                + [_fmt(row["volume_pred_ml"], 2), _fmt(row["volume_ref_ml"], 2), row["empty"]]
+                for row in doc["metrics"] if row["source"] == FUSED]
+    lines += _table(["Case"] + list(METRIC_HEADERS.values()) + ["V pred (ml)", "V ref (ml)", "Empty"], per_case)
+    lines += ["", f"![Dice per case]({DICE_PNG})", ""]
+
+    rate = doc["error_rate"]
+    lines += ["## Pixel error rate per uncertainty level (%)", "",
+              f"Error = predicted label ≠ reference label, counted in: {rate['region_description']}. "
+              f"Levels = entropy rounded to {settings['entropy_decimals']} decimals.", ""]
+    if len(rate["levels"]) > MANY_LEVELS:
+        lines.append(f"{len(rate['levels'])} levels: table left out here, see {ERROR_RATES_CSV} (and Notes).")
+    elif rate["levels"]:
+        header = ["Case"] + [f"level {i + 1} (H={level:.4f})" for i, level in enumerate(rate["levels"])]
+        rows = [[case] + [_fmt(r, 2) for r in rates] for case, rates in rate["per_case_percent"].items()]
+        rows.append(["Mean over cases"] + [_fmt(r, 2) for r in rate["mean_over_cases_percent"]])
+        rows.append(["Pooled (all voxels)"] + [_fmt(r, 2) for r in rate["pooled_percent"]])
+        lines += _table(header, rows)
+    else:
+        lines.append("No entropy maps: no table.")
+    lines += ["", f"![Error rate per level]({ERROR_RATE_PNG})", ""]
+
+    lines += ["## VVC against 1 - Dice (fused)", "", _correlation_sentence(doc["vvc_vs_1_minus_dice"]), "",
+              f"![VVC against 1 - Dice]({VVC_PNG})", ""]
+
+    notes = [f"{e['case']} ({e['source']}): empty {e['empty']}" + (" mask" if e["empty"] != "both" else " masks")
+             for e in doc["empty_masks"]]
+    notes += [f"{s['case']}: skipped, {s['reason']}" for s in doc["skipped_cases"]] + doc["notes"]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: EvaluationResult, output_dir: Path, command: str) -> list[Path]:
+    """Write every output into ``output_dir`` (each file atomically); return their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    doc = build_summary(result, command)
+    fields = ["case", "source", *METRIC_NAMES, "volume_pred_ml", "volume_ref_ml", "empty"]
+    _write_csv(output_dir / METRICS_CSV, fields + ["vvc"],
+               [[row[f] for f in fields] + [result.vvc.get(row["case"], float("nan")) if row["source"] == FUSED
+                                             else float("nan")] for row in result.metrics])
+    level_number = {level: i + 1 for i, level in enumerate(doc["error_rate"]["levels"])}
+    _write_csv(output_dir / ERROR_RATES_CSV, ["case", "level", "entropy", "voxels", "errors", "error_rate_percent"],
+               [[case, level_number[c.level], c.level, c.voxels, c.errors, 100 * c.rate]
+                for case, counts in result.level_counts.items() for c in counts])
+    with atomic_output(output_dir / JSON_NAME) as tmp:
+        tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+    rate = doc["error_rate"]
+    plots.error_rate_plot(rate["levels"], rate["per_case_percent"], rate["mean_over_cases_percent"],
+                          output_dir / ERROR_RATE_PNG)
+    vvc = doc["vvc_vs_1_minus_dice"]
+    plots.vvc_plot(vvc["one_minus_dice"], vvc["vvc"], vvc, output_dir / VVC_PNG)
+    plots.dice_box_plot({source: [row["dice"] for row in _rows(result, source)] for source in _sources(result)},
+                        output_dir / DICE_PNG)
+    with atomic_output(output_dir / REPORT_NAME) as tmp:
+        tmp.write_text(markdown(doc))
+    return [output_dir / name for name in (METRICS_CSV, ERROR_RATES_CSV, JSON_NAME, REPORT_NAME,
+                                           ERROR_RATE_PNG, VVC_PNG, DICE_PNG)]
