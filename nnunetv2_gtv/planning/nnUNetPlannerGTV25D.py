@@ -1,0 +1,157 @@
+"""``nnUNetPlannerGTV25D``: nnU-Net plans for the 2.5D GTV network of Mei et al.
+
+What differs from nnU-Net's default ``ExperimentPlanner`` (everything else is nnU-Net's own):
+
+- target spacing 3 x 1 x 1 mm (z, y, x) whatever the data's median spacing;
+- one configuration, ``3d_fullres``: patch 16 x 64 x 64, batch 16, the 2.5D network with its default
+  arch_kwargs. There is no ``2d`` and no ``3d_lowres`` configuration (plans list only ``3d_fullres``);
+- intensities: nnU-Net's built-in ``CTNormalization`` clips to the window written in the plans and z-scores
+  with the mean and std written there. This planner writes the window [-200, 700] HU and, by default
+  (``intensity_statistics = "clipped_body"``), the mean and std of the training images' body voxels
+  (HU > ``body_threshold_hu``) after clipping to the window (paper section 3.1). With
+  ``intensity_statistics = "foreground"`` it keeps nnU-Net's statistics of the labelled voxels instead;
+- the dataset must have exactly one channel, named CT;
+- plans are written whole (atomically), never merged with configurations of an older file of the same name.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Union
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+from tqdm import tqdm
+
+from nnunetv2_gtv import __version__
+from nnunetv2_gtv.network.gtv_unet import plans_architecture
+from nnunetv2_gtv.planning.plans_check import GTV_PLANS_KEY, GTVPlansError
+
+TARGET_SPACING_ZYX = (3.0, 1.0, 1.0)
+PATCH_SIZE_ZYX = (16, 64, 64)
+BATCH_SIZE = 16
+CT_WINDOW_HU = (-200.0, 700.0)
+
+
+class nnUNetPlannerGTV25D(ExperimentPlanner):
+    intensity_statistics: str = "clipped_body"  # or "foreground" (nnU-Net's fingerprint of the labelled voxels)
+    body_threshold_hu: float = -500.0
+    statistics_voxel_stride: int = 7  # every n-th body voxel enters the median estimate
+
+    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetPlans",
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        if overwrite_target_spacing is not None:
+            raise GTVPlansError(
+                "nnUNetPlannerGTV25D always plans 3 x 1 x 1 mm (z, y, x); -overwrite_target_spacing is not supported")
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        self.lowres_creation_threshold = 0  # never plan 3d_lowres
+        self._refuse_non_ct_dataset()
+
+    def _refuse_non_ct_dataset(self) -> None:
+        channels = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
+        dataset_json = join(self.raw_dataset_folder, "dataset.json")
+        if len(channels) != 1:
+            raise GTVPlansError(
+                f"{dataset_json}: nnUNetPlannerGTV25D needs exactly one input channel (CT); this dataset has "
+                f"{len(channels)}: {channels}")
+        (name,) = channels.values()
+        if name.strip().lower() != "ct":
+            raise GTVPlansError(
+                f"{dataset_json}: channel 0 is '{name}', but nnUNetPlannerGTV25D is for CT in Hounsfield units "
+                f"(channel_names must be {{\"0\": \"CT\"}})")
+
+    def determine_fullres_target_spacing(self) -> np.ndarray:
+        return np.array(TARGET_SPACING_ZYX)
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
+                                    approximate_n_voxels_dataset: float, _cache: dict) -> dict:
+        if len(spacing) == 2:
+            # ExperimentPlanner.plan_experiment always asks for a 2d configuration; save_plans drops it
+            return {"dropped_by": type(self).__name__}
+        # built here rather than by ExperimentPlanner, whose network sizing (VRAM estimates of PlainConvUNet
+        # patches) is slow, fails with nnUNet_n_proc_DA=0, and would be overwritten anyway
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = self.determine_resampling()
+        resampling_probabilities, resampling_probabilities_kwargs = self.determine_segmentation_softmax_export_fn()
+        return {
+            "data_identifier": data_identifier,
+            "preprocessor_name": self.preprocessor_name,
+            "batch_size": BATCH_SIZE,
+            "patch_size": list(PATCH_SIZE_ZYX),
+            "median_image_size_in_voxels": median_shape,
+            "spacing": spacing,
+            "normalization_schemes": ["CTNormalization"],
+            "use_mask_for_norm": [False],
+            "resampling_fn_data": resampling_data.__name__,
+            "resampling_fn_seg": resampling_seg.__name__,
+            "resampling_fn_data_kwargs": resampling_data_kwargs,
+            "resampling_fn_seg_kwargs": resampling_seg_kwargs,
+            "resampling_fn_probabilities": resampling_probabilities.__name__,
+            "resampling_fn_probabilities_kwargs": resampling_probabilities_kwargs,
+            "architecture": plans_architecture(),
+        }
+
+    def _clipped_body_statistics(self) -> dict:
+        """Mean, std and median of the body voxels of all training images after clipping to the CT window."""
+        reader = self.determine_reader_writer()()
+        low, high = CT_WINDOW_HU
+        count, total, total_sq, median_sample = 0, 0.0, 0.0, []
+        for case in tqdm(self.dataset.values(), desc="CT window statistics"):
+            image, _ = reader.read_images(case["images"])
+            values = image[0][image[0] > self.body_threshold_hu].astype(np.float64)
+            np.clip(values, low, high, out=values)
+            count += values.size
+            total += values.sum()
+            total_sq += np.square(values).sum()
+            median_sample.append(values[:: self.statistics_voxel_stride])
+        if count == 0:
+            raise GTVPlansError(f"no training image in {self.raw_dataset_folder} has voxels above "
+                                f"{self.body_threshold_hu} HU: are these CT images in Hounsfield units?")
+        mean = total / count
+        return {"mean": mean, "std": float(np.sqrt(max(total_sq / count - mean**2, 0.0))),
+                "median": float(np.median(np.concatenate(median_sample)))}
+
+    def plan_experiment(self) -> dict:
+        if self.intensity_statistics == "clipped_body":
+            statistics = self._clipped_body_statistics()
+        elif self.intensity_statistics == "foreground":
+            fingerprint = self.dataset_fingerprint["foreground_intensity_properties_per_channel"]["0"]
+            statistics = {key: fingerprint[key] for key in ("mean", "std", "median")}
+        else:
+            raise GTVPlansError(f"unknown intensity_statistics '{self.intensity_statistics}' "
+                                "(use 'clipped_body' or 'foreground')")
+        low, high = CT_WINDOW_HU
+        self._ct_intensity_properties = {**statistics, "min": low, "max": high,
+                                         "percentile_00_5": low, "percentile_99_5": high}
+        return super().plan_experiment()
+
+    def save_plans(self, plans: dict) -> None:
+        plans["configurations"].pop("2d", None)
+        plans["foreground_intensity_properties_per_channel"] = {"0": self._ct_intensity_properties}
+        plans[GTV_PLANS_KEY] = {
+            "planner": type(self).__name__,
+            "nnunetv2_gtv_version": __version__,
+            "ct_window_hu": list(CT_WINDOW_HU),
+            "intensity_statistics": self.intensity_statistics,
+            "body_threshold_hu": self.body_threshold_hu,
+            "target_spacing_zyx": list(TARGET_SPACING_ZYX),
+            "patch_size_zyx": list(PATCH_SIZE_ZYX),
+        }
+        recursive_fix_for_json_export(plans)
+        folder = join(nnUNet_preprocessed, self.dataset_name)
+        os.makedirs(folder, exist_ok=True)
+        plans_file = join(folder, self.plans_identifier + ".json")
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.plans_identifier}.", suffix=".json", dir=folder)
+        os.close(handle)
+        try:
+            save_json(plans, temporary, sort_keys=False)
+            os.replace(temporary, plans_file)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        print(f"nnUNetPlannerGTV25D: plans (3d_fullres only, {TARGET_SPACING_ZYX} mm, patch {PATCH_SIZE_ZYX}, "
+              f"CT window {CT_WINDOW_HU} HU) saved to {plans_file}")
