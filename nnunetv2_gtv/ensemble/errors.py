@@ -1,0 +1,9 @@
+"""Errors raised for unusable ensemble inputs."""
+
+
+class FusionInputError(ValueError):
+    """An input folder or file cannot be fused; the message names the folder/file and the case."""
+
+
+class SingleModelWarning(UserWarning):
+    """A case is fused from one model only: no uncertainty can be measured."""

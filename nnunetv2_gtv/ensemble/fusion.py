@@ -1,0 +1,366 @@
+"""Fusion of N models' probability maps for one case, with the uncertainty of Mei et al. (eqs. 6 and 7).
+
+Memory stays flat in N: each model's npz member is streamed once, channel by channel, into a running
+(weighted) sum of probabilities, a running per-voxel argmax for that model, and per-label vote counts.
+No two models' maps are ever held at the same time.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import xlogy
+
+from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
+from nnunetv2_gtv.ensemble.folders import DatasetInfo
+from nnunetv2_gtv.ensemble.probability_file import open_probabilities
+from nnunetv2_gtv.ensemble.writing import write_image
+
+CHUNK_VOXELS = 1 << 20  # 4 MiB of float32 per streamed chunk
+CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy generate_binary_structure(3, rank)
+COMPONENT_RULES = ("largest", "all", "min_volume")
+ENTROPY_MODES = ("votes", "mean_probability")
+ENTROPY_SUFFIX = "_entropy"
+PROBABILITY_SUFFIX = "_probability"
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """How models are fused and post-processed.
+
+    weights: one positive weight per model (None: equal). Weights act on the mean probability (fused
+        segmentation, probability map, ``mean_probability`` entropy); vote entropy and VVC count every
+        model once, as in the paper.
+    components: ``largest`` keeps the largest connected component of the foreground (all foreground labels
+        together), ``all`` keeps everything, ``min_volume`` keeps components larger than ``min_component_ml``.
+    entropy: ``votes`` = eq. 6 over the models' argmax labels; ``mean_probability`` = entropy of the mean map.
+    vvc_threshold: ``review`` is set when VVC exceeds it (Fig. 12 of the paper spans VVC 0.06-0.16).
+    sum_tolerance: allowed deviation of a model's channel sum from 1 (and below 0 / above 1) per voxel.
+    """
+
+    weights: tuple[float, ...] | None = None
+    connectivity: int = 6
+    components: str = "largest"
+    min_component_ml: float = 0.0
+    entropy: str = "votes"
+    save_probability: bool = False
+    vvc_threshold: float = 0.1
+    sum_tolerance: float = 1e-3
+
+    def __post_init__(self):
+        if self.connectivity not in CONNECTIVITY_RANK:
+            raise ValueError(f"connectivity must be one of {sorted(CONNECTIVITY_RANK)}, got {self.connectivity}")
+        if self.components not in COMPONENT_RULES:
+            raise ValueError(f"components must be one of {COMPONENT_RULES}, got {self.components!r}")
+        if self.entropy not in ENTROPY_MODES:
+            raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {self.entropy!r}")
+        if self.min_component_ml < 0:
+            raise ValueError(f"min_component_ml must be >= 0, got {self.min_component_ml}")
+        if self.weights is not None and not all(math.isfinite(w) and w > 0 for w in self.weights):
+            raise ValueError(f"weights must be positive finite numbers, got {list(self.weights)}")
+
+    def model_weights(self, num_models: int) -> tuple[float, ...]:
+        if self.weights is None:
+            return (1.0,) * num_models
+        if len(self.weights) != num_models:
+            raise ValueError(f"{len(self.weights)} weights given for {num_models} models")
+        return tuple(float(w) for w in self.weights)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """Per-case numbers for the summary; volumes in ml, None for a model that lacks the case."""
+
+    case: str
+    n_models: int
+    model_volumes_ml: tuple[float | None, ...]
+    fused_volume_ml: float
+    vvc: float  # NaN when undefined: fewer than 2 models, or every model volume is 0
+    components_removed: int
+    review: bool
+    missing_models: tuple[int, ...]  # 1-based positions of the models that lack the case
+    outputs: tuple[Path, ...] = field(default=())
+
+
+def output_files(case: str, output_folder: str | os.PathLike, file_ending: str,
+                 settings: FusionSettings) -> list[Path]:
+    """The image files ``fuse_case`` writes for ``case``."""
+    folder = Path(output_folder)
+    names = [case, case + ENTROPY_SUFFIX] + ([case + PROBABILITY_SUFFIX] if settings.save_probability else [])
+    return [folder / (name + file_ending) for name in names]
+
+
+def volume_variation_coefficient(volumes: Sequence[float]) -> float:
+    """Eq. 7: population standard deviation / mean of the model volumes; NaN if < 2 volumes or mean 0."""
+    if len(volumes) < 2:
+        return math.nan
+    mean = float(np.mean(volumes))
+    return float(np.std(volumes)) / mean if mean > 0 else math.nan
+
+
+def _update_argmax(running_max: np.ndarray, label: np.ndarray, values: np.ndarray, channel: int) -> None:
+    """Running argmax over channels; ties keep the lower channel, like ``np.argmax``."""
+    label[values > running_max] = channel
+    np.maximum(running_max, values, out=running_max)
+
+
+def _chunks(num_voxels: int):
+    for start in range(0, num_voxels, CHUNK_VOXELS):
+        yield slice(start, min(start + CHUNK_VOXELS, num_voxels))
+
+
+def _check_values(values: np.ndarray, tolerance: float, npz: Path) -> None:
+    low, high = values.min(), values.max()
+    if low >= -tolerance and high <= 1 + tolerance:
+        return
+    if np.isnan(values).any():
+        problem = "contains NaN"
+    elif np.isinf(values).any():
+        problem = "contains inf"
+    else:
+        problem = f"has values outside [0, 1] (min {low:.4g}, max {high:.4g})"
+    raise FusionInputError(f"{npz}: {problem}")
+
+
+def _load_properties(npz: Path) -> dict:
+    pkl = npz.with_suffix(".pkl")
+    try:
+        with open(pkl, "rb") as f:
+            properties = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise FusionInputError(f"{pkl}: cannot read the properties ({err})") from err
+    if not isinstance(properties, dict) or "spacing" not in properties or "shape_before_cropping" not in properties:
+        raise FusionInputError(f"{pkl}: not an nnU-Net properties file")
+    return properties
+
+
+def _geometry(properties: dict) -> dict:
+    """The image geometry in nnU-Net's properties: spacing, shape and the reader's own record (sitk_stuff...)."""
+    keys = ["spacing", "shape_before_cropping"] + sorted(k for k in properties if k.endswith("_stuff"))
+    return {k: properties[k] for k in keys}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    try:
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError):
+        return a == b
+    return x.shape == y.shape and np.allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def _check_models(present: list[tuple[int, Path]], dataset: DatasetInfo) -> tuple[dict, tuple[int, ...]]:
+    """Read every model's header and properties before any data; return the first model's properties and shape."""
+    reference = None
+    for _, npz in present:
+        properties = _load_properties(npz)
+        with open_probabilities(npz) as stream:
+            shape = stream.shape
+        if shape[0] != dataset.num_labels:
+            raise FusionInputError(f"{npz}: {shape[0]} channels but dataset.json "
+                                   f"has {dataset.num_labels} labels")
+        image_shape = tuple(int(properties["shape_before_cropping"][i]) for i in dataset.transpose_backward)
+        if shape[1:] != image_shape:
+            raise FusionInputError(f"{npz}: shape {shape[1:]} but its .pkl describes "
+                                   f"an image of shape {image_shape}")
+        if reference is None:
+            reference = (npz, properties, shape)
+            continue
+        first_npz, first_properties, first_shape = reference
+        if shape != first_shape:
+            raise FusionInputError(f"probability shape {shape} in {npz.parent} differs from "
+                                   f"{first_shape} in {first_npz.parent}")
+        first_geometry, geometry = _geometry(first_properties), _geometry(properties)
+        for key in first_geometry.keys() | geometry.keys():
+            if not _same(first_geometry.get(key), geometry.get(key)):
+                raise FusionInputError(f"image geometry '{key}' in {npz.parent} "
+                                       f"({geometry.get(key)}) differs from {first_npz.parent} "
+                                       f"({first_geometry.get(key)})")
+    return reference[1], reference[2]
+
+
+class _Accumulator:
+    """Running weighted sum of probabilities and per-label vote counts, flat over voxels."""
+
+    def __init__(self, num_labels: int, num_voxels: int, num_models: int):
+        self.num_labels = num_labels
+        self.num_voxels = num_voxels
+        self.total_weight = 0.0
+        self.num_models = 0
+        self.sum = np.zeros((num_labels, num_voxels), dtype=np.float32)
+        # votes for labels 1..C-1; the background count is num_models minus their sum
+        self.votes = np.zeros((num_labels - 1, num_voxels), dtype=np.uint8 if num_models < 256 else np.uint16)
+        self._running_max = np.empty(num_voxels, dtype=np.float32)
+        self._label = np.empty(num_voxels, dtype=np.uint8 if num_labels <= 256 else np.uint16)
+
+    def add(self, npz: Path, weight: float, tolerance: float) -> int:
+        """Stream one model in; return its number of foreground voxels (argmax of its own probabilities)."""
+        self.total_weight += weight
+        self.num_models += 1
+        with open_probabilities(npz) as stream:
+            for channel in range(self.num_labels):
+                for part in _chunks(self.num_voxels):
+                    values = stream.read(part.stop - part.start)
+                    _check_values(values, tolerance, npz)
+                    if channel == 0:
+                        self._running_max[part] = values
+                        self._label[part] = 0
+                    else:
+                        _update_argmax(self._running_max[part], self._label[part], values, channel)
+                    self.sum[channel, part] += values if weight == 1.0 else weight * values
+                    if channel == self.num_labels - 1:
+                        self._check_sums(part, weight, tolerance, npz)
+        for part in _chunks(self.num_voxels):
+            label = self._label[part]
+            for channel in range(1, self.num_labels):
+                self.votes[channel - 1, part] += label == channel
+        return int(np.count_nonzero(self._label))
+
+    def _check_sums(self, part: slice, weight: float, tolerance: float, npz: Path) -> None:
+        # every earlier model already summed to 1, so a deviation of the running total is this model's
+        deviation = float(np.abs(self.sum[:, part].sum(axis=0) - self.total_weight).max()) / weight
+        if deviation > tolerance:
+            raise FusionInputError(f"{npz}: probabilities do not sum to 1 over the "
+                                   f"{self.num_labels} channels (off by up to {deviation:.3g})")
+
+    def release_model_buffers(self) -> None:
+        self._running_max = self._label = None
+
+    def fused_labels(self) -> np.ndarray:
+        """Argmax of the summed (= of the mean) probabilities."""
+        labels = np.zeros(self.num_voxels, dtype=np.uint8 if self.num_labels <= 256 else np.uint16)
+        for part in _chunks(self.num_voxels):
+            best = self.sum[0, part].copy()
+            for channel in range(1, self.num_labels):
+                _update_argmax(best, labels[part], self.sum[channel, part], channel)
+        return labels
+
+    def mean_foreground_probability(self) -> np.ndarray:
+        out = np.empty(self.num_voxels, dtype=np.float32)
+        for part in _chunks(self.num_voxels):
+            np.divide(self.sum[1:, part].sum(axis=0), self.total_weight, out=out[part])
+        return out
+
+    def mean_probability_entropy(self) -> np.ndarray:
+        out = np.empty(self.num_voxels, dtype=np.float32)
+        for part in _chunks(self.num_voxels):
+            mean = self.sum[:, part] / np.float32(self.total_weight)
+            out[part] = -xlogy(mean, mean).sum(axis=0)
+        return out
+
+    def vote_entropy(self) -> np.ndarray:
+        """Eq. 6: -sum_n f_n ln f_n over the label-vote frequencies f_n = votes_n / N (natural log)."""
+        n = self.num_models
+        counts = np.arange(n + 1)
+        table = -xlogy(counts / n, counts / n)  # term of one label for each possible vote count
+        out = np.empty(self.num_voxels, dtype=np.float32)
+        for part in _chunks(self.num_voxels):
+            votes = self.votes[:, part]
+            entropy = table[n - votes.sum(axis=0, dtype=np.int64)]
+            for row in votes:
+                entropy += table[row]
+            out[part] = entropy
+        return out
+
+
+def filter_components(labels: np.ndarray, connectivity: int, rule: str, min_component_ml: float,
+                      voxel_ml: float) -> int:
+    """Apply the connected-component rule to the foreground of ``labels`` (z, y, x) in place.
+
+    All foreground labels form one mask. Returns the number of components removed.
+    """
+    mask = labels > 0
+    if rule == "all" or not mask.any():
+        return 0
+    # label inside the foreground's bounding box only: the GTV is a tiny part of a head-and-neck CT
+    box = tuple(slice(nz[0], nz[-1] + 1) for nz in
+                (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
+    structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
+    components, count = ndimage.label(mask[box], structure=structure)
+    sizes = np.bincount(components.ravel())[1:]
+    if rule == "largest":
+        keep = np.array([np.argmax(sizes) + 1])
+    else:
+        keep = np.flatnonzero(sizes * voxel_ml > min_component_ml) + 1
+    if len(keep) == count:
+        return 0
+    kept = np.zeros(count + 1, dtype=bool)
+    kept[keep] = True
+    labels[box][~kept[components]] = 0
+    return int(count - len(keep))
+
+
+def fuse_case(case: str, npz_files: Sequence[str | os.PathLike | None], output_folder: str | os.PathLike,
+              dataset: DatasetInfo, settings: FusionSettings = FusionSettings()) -> CaseResult:
+    """Fuse one case from N models and write its segmentation and uncertainty maps.
+
+    ``npz_files`` holds one nnU-Net ``<case>.npz`` per model (its ``<case>.pkl`` beside it), None where a
+    model lacks the case. Outputs go to ``output_folder`` on the original image grid, written by the
+    reader/writer class of ``dataset`` with the first model's properties, each file atomically.
+    """
+    try:
+        return _fuse_case(case, [None if f is None else Path(f) for f in npz_files], Path(output_folder), dataset,
+                          settings)
+    except FusionInputError as err:
+        raise FusionInputError(f"case {case}: {err}") from err
+
+
+def _fuse_case(case: str, npz_files: list[Path | None], output_folder: Path, dataset: DatasetInfo,
+               settings: FusionSettings) -> CaseResult:
+    present = [(i, f) for i, f in enumerate(npz_files) if f is not None]
+    if not present:
+        raise FusionInputError(f"none of the {len(npz_files)} models has this case")
+    weights = settings.model_weights(len(npz_files))
+    properties, shape = _check_models(present, dataset)
+    if len(present) < 2:
+        warnings.warn(f"case {case}: only one model; uncertainty needs N >= 2, so the vote entropy is all zeros "
+                      "and VVC is undefined (written as empty)", SingleModelWarning, stacklevel=3)
+    voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
+    accumulator = _Accumulator(shape[0], int(np.prod(shape[1:])), len(present))
+    volumes: list[float | None] = [None] * len(npz_files)
+    for i, npz in present:
+        volumes[i] = accumulator.add(npz, weights[i], settings.sum_tolerance) * voxel_ml
+    accumulator.release_model_buffers()
+
+    segmentation = accumulator.fused_labels().reshape(shape[1:])
+    seg_file, entropy_file, *probability_file = output_files(case, output_folder, dataset.file_ending, settings)
+    output_folder.mkdir(parents=True, exist_ok=True)
+
+    def write(array: np.ndarray, target: Path) -> None:
+        write_image(array.reshape(shape[1:]), target, dataset.file_ending, properties, dataset.reader_writer)
+
+    if probability_file:
+        write(accumulator.mean_foreground_probability(), probability_file[0])
+    if settings.entropy == "mean_probability":
+        entropy = accumulator.mean_probability_entropy()
+    else:
+        entropy = accumulator.vote_entropy()
+    del accumulator
+    write(entropy, entropy_file)
+    del entropy
+
+    removed = filter_components(segmentation, settings.connectivity, settings.components,
+                                settings.min_component_ml, voxel_ml)
+    write(segmentation, seg_file)
+    model_volumes = [v for v in volumes if v is not None]
+    vvc = volume_variation_coefficient(model_volumes)
+    return CaseResult(
+        case=case,
+        n_models=len(present),
+        model_volumes_ml=tuple(volumes),
+        fused_volume_ml=int(np.count_nonzero(segmentation)) * voxel_ml,
+        vvc=vvc,
+        components_removed=removed,
+        review=bool(vvc > settings.vvc_threshold or not any(model_volumes)),
+        missing_models=tuple(i + 1 for i, f in enumerate(npz_files) if f is None),
+        outputs=(seg_file, entropy_file, *probability_file),
+    )

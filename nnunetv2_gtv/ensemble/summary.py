@@ -1,0 +1,103 @@
+"""summary.csv / summary.json (fixed column contract) and the per-case records behind them.
+
+Each finished case leaves ``per_case/<case>.json`` (its summary row plus the inputs and settings that made
+it). The summaries are rebuilt from these records, so ``--continue`` and sharded runs (``-num_parts``) that
+share one output folder always end with one row per finished case.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_gtv.ensemble.fusion import CaseResult
+from nnunetv2_gtv.ensemble.writing import write_text
+
+RECORD_FOLDER = "per_case"
+DECIMALS = 6
+VERSIONED_DISTRIBUTIONS = {"nnunetv2_gtv": "nnunetv2-gtv", "nnunetv2": "nnunetv2", "torch": "torch",
+                           "numpy": "numpy", "SimpleITK": "SimpleITK"}
+
+
+def csv_columns(num_models: int) -> list[str]:
+    return (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, num_models + 1)]
+            + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models"])
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, DECIMALS)
+
+
+def case_row(result: CaseResult) -> dict:
+    """JSON-ready summary row: NaN VVC and volumes of missing models become None; numbers rounded to 1e-6."""
+    row = {"case": result.case, "n_models": result.n_models}
+    row.update({f"volume_ml_model_{i}": _rounded(v) for i, v in enumerate(result.model_volumes_ml, start=1)})
+    row.update({
+        "volume_ml_fused": _rounded(result.fused_volume_ml),
+        "vvc": _rounded(result.vvc),
+        "components_removed": result.components_removed,
+        "review": result.review,
+        "missing_models": list(result.missing_models),
+    })
+    return row
+
+
+def _csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ";".join(str(v) for v in value)
+    return str(value)
+
+
+def package_versions() -> dict[str, str | None]:
+    found = {}
+    for name, distribution in VERSIONED_DISTRIBUTIONS.items():
+        try:
+            found[name] = version(distribution)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def record_path(output_folder: str | os.PathLike, case: str) -> Path:
+    return Path(output_folder) / RECORD_FOLDER / f"{case}.json"
+
+
+def write_record(output_folder: str | os.PathLike, row: dict, fingerprint: dict) -> Path:
+    """Mark a case finished: written after all its images."""
+    target = record_path(output_folder, row["case"])
+    target.parent.mkdir(exist_ok=True)
+    return write_text(json.dumps({"fingerprint": fingerprint, "row": row}, indent=1), target)
+
+
+def load_row(output_folder: str | os.PathLike, case: str, fingerprint: dict) -> dict | None:
+    """The case's row if a record made with the same inputs and settings exists, else None."""
+    try:
+        record = json.loads(record_path(output_folder, case).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record.get("row") if record.get("fingerprint") == fingerprint else None
+
+
+def write_summaries(output_folder: str | os.PathLike, rows: Sequence[dict], num_models: int,
+                    header: dict) -> tuple[Path, Path]:
+    """Write summary.json (``header`` + ``cases``) and summary.csv, sorted by case."""
+    rows = sorted(rows, key=lambda r: r["case"])
+    folder = Path(output_folder)
+    json_file = write_text(json.dumps({**header, "cases": rows}, indent=2, allow_nan=False) + "\n",
+                           folder / "summary.json")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = csv_columns(num_models)
+    writer.writerow(columns)
+    writer.writerows([[_csv_cell(row[c]) for c in columns] for row in rows])
+    csv_file = write_text(buffer.getvalue(), folder / "summary.csv")
+    return json_file, csv_file
