@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+DATASET_ID = 989
+DATASET_NAME = f"Dataset{DATASET_ID}_SyntheticGTV"
+SCALES = ("Local", "Middle", "Global")
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset910_OpenKBPHN"
 BIN = Path(sys.executable).parent
 
@@ -45,3 +48,35 @@ def real_data() -> Path:
     if not (REAL_DATA / "dataset.json").is_file():
         pytest.skip(f"real CT data not present at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def gtv_dataset(tmp_path_factory) -> dict:
+    """A tiny synthetic dataset (6 training cases, 1 test case, mixed orientations), planned and preprocessed with
+    the stock CLI and our planner. Keys: dirs (nnU-Net folders), env (for subprocesses), raw, data (3d_fullres)."""
+    from nnunetv2_gtv.demo.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    dirs = {name: str(root / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for path in dirs.values():
+        Path(path).mkdir()
+    raw = write_dataset(dirs["nnUNet_raw"], DATASET_ID, num_train=6, num_test=1, in_plane_size=88, num_slices=40,
+                        orientations="mixed", seed=11)
+    env = clean_env(**dirs, nnUNet_n_proc_DA="0")
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnUNetPlannerGTV25D", "-c", "3d_fullres",
+             "-np", "2"], env)
+    return {"dirs": dirs, "env": env, "raw": raw,
+            "data": Path(dirs["nnUNet_preprocessed"]) / DATASET_NAME / "nnUNetPlans_3d_fullres"}
+
+
+@pytest.fixture(scope="session")
+def trained_models(gtv_dataset) -> dict:
+    """Each sampling trainer's short variant (``..._smoke``), fold 0, trained through the stock nnUNetv2_train on the
+    CPU with --npz. Returns {scale: model folder}."""
+    models = {}
+    for scale in SCALES:
+        trainer = f"nnUNetTrainerGTV25D{scale}_smoke"
+        run_cli(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "--npz"],
+                gtv_dataset["env"], timeout=900)
+        models[scale] = Path(gtv_dataset["dirs"]["nnUNet_results"]) / DATASET_NAME / f"{trainer}__nnUNetPlans__3d_fullres"
+    return models

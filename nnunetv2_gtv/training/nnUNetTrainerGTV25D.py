@@ -1,0 +1,129 @@
+"""Trainers for the 2.5D GTV network: the paper's recipe, and three anatomical sampling regions.
+
+``nnUNetTrainerGTV25D`` (the shared base) follows Mei et al. section 3.3 and the authors' code:
+
+- Adam, lr 1e-4, weight decay 1e-5; batch 16 comes from the plans;
+- soft Dice loss (nnU-Net's ``MemoryEfficientSoftDiceLoss`` through ``nnUNetTrainerDiceLoss``) over the
+  foreground classes only: background is not included;
+- lr multiplied by 0.9 every 10,000 iterations;
+- no deep supervision (the paper has none);
+- 250 iterations per epoch and 68 epochs = 17,000 iterations, the authors' training length.
+
+nnU-Net's data augmentation is kept unchanged: for a 16 x 64 x 64 patch it switches to "dummy 2D"
+augmentation (in-plane rotation and scaling, mirroring). Logging, checkpoints, validation and export are
+nnU-Net's. The sampling region is the only thing the Local / Middle / Global subclasses change:
+
+- Global samples as nnU-Net does, from the whole (cropped) image;
+- Middle samples from the head and neck (the body above the shoulders);
+- Local samples from the head (the body above the neck).
+
+Regions are detected per case from the anatomy (``nnunetv2_gtv.training.regions``), cached in the
+preprocessed folder, and each training case is cropped to its region before nnU-Net's loader draws patches.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
+    nnUNetTrainerNoMirroring
+from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceLoss
+
+from nnunetv2_gtv.planning.plans_check import assert_gtv_plans
+from nnunetv2_gtv.training.lr_schedule import IterationStepLR
+from nnunetv2_gtv.training.region_dataset import RegionCroppedDataset
+from nnunetv2_gtv.training.sampling_regions import training_region_boxes
+
+
+class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
+    sampling_region = "global"
+    lr_step_iterations = 10_000
+    lr_gamma = 0.9
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        assert_gtv_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 1e-5
+        self.enable_deep_supervision = False
+        self.num_iterations_per_epoch = 250
+        self.num_epochs = 68
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        scheduler = IterationStepLR(optimizer, self.initial_lr, self.num_iterations_per_epoch,
+                                    self.lr_step_iterations, self.lr_gamma)
+        return optimizer, scheduler
+
+    def get_tr_and_val_datasets(self):
+        """Crop the training cases to this trainer's sampling region; validation stays whole, as in nnU-Net."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.sampling_region == "global":
+            return dataset_tr, dataset_val
+        boxes = training_region_boxes(self.preprocessed_dataset_folder, dataset_tr, self.plans_manager.plans,
+                                      self.configuration_manager.spacing, self.sampling_region,
+                                      log=self.print_to_log_file)
+        return RegionCroppedDataset(dataset_tr, boxes), dataset_val
+
+
+class nnUNetTrainerGTV25DLocal(nnUNetTrainerGTV25D):
+    sampling_region = "local"
+
+
+class nnUNetTrainerGTV25DMiddle(nnUNetTrainerGTV25D):
+    sampling_region = "middle"
+
+
+class nnUNetTrainerGTV25DGlobal(nnUNetTrainerGTV25D):
+    sampling_region = "global"
+
+
+class _FiveEpochs:
+    """nnU-Net's ``_5epochs`` habit: the full recipe, five epochs of 250 iterations (a quick GPU check)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # explicit signature: nnU-Net records the trainer's init kwargs by inspecting it
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class _Smoke(nnUNetTrainerNoMirroring):
+    """CPU smoke runs and demos: 2 epochs of 5 iterations at batch 2, 1 validation iteration per epoch, and no
+    mirroring (neither as augmentation nor as test-time augmentation, which would cost 8 forward passes per tile)."""
+
+    smoke_batch_size = 2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 5
+        self.num_val_iterations_per_epoch = 1
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        self.batch_size = min(self.batch_size, self.smoke_batch_size)
+
+
+class nnUNetTrainerGTV25DLocal_5epochs(_FiveEpochs, nnUNetTrainerGTV25DLocal):
+    pass
+
+
+class nnUNetTrainerGTV25DMiddle_5epochs(_FiveEpochs, nnUNetTrainerGTV25DMiddle):
+    pass
+
+
+class nnUNetTrainerGTV25DGlobal_5epochs(_FiveEpochs, nnUNetTrainerGTV25DGlobal):
+    pass
+
+
+class nnUNetTrainerGTV25DLocal_smoke(_Smoke, nnUNetTrainerGTV25DLocal):
+    pass
+
+
+class nnUNetTrainerGTV25DMiddle_smoke(_Smoke, nnUNetTrainerGTV25DMiddle):
+    pass
+
+
+class nnUNetTrainerGTV25DGlobal_smoke(_Smoke, nnUNetTrainerGTV25DGlobal):
+    pass

@@ -1,0 +1,128 @@
+"""The three sampling trainers: recipe, region-restricted sampling, and real nnU-Net CLI runs on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_gtv.training.lr_schedule import IterationStepLR
+
+from conftest import DATASET_NAME
+
+
+def test_lr_decays_by_0_9_every_10000_iterations():
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    scheduler = IterationStepLR(optimizer, 1e-4, iterations_per_epoch=250)
+    lrs = {}
+    for epoch in (0, 39, 40, 79, 80, 67):
+        scheduler.step(epoch)
+        lrs[epoch] = optimizer.param_groups[0]["lr"]
+    assert lrs[0] == lrs[39] == pytest.approx(1e-4)  # 39 * 250 = 9750 iterations
+    assert lrs[40] == lrs[79] == pytest.approx(0.9e-4)  # 10000 iterations
+    assert lrs[80] == pytest.approx(0.81e-4)
+
+
+def test_stock_plans_are_refused_by_the_trainer():
+    from nnunetv2_gtv.planning.plans_check import GTVPlansError
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal
+
+    plans = {"plans_name": "nnUNetPlans", "experiment_planner_used": "ExperimentPlanner", "configurations": {}}
+    with pytest.raises(GTVPlansError, match="nnUNetv2_plan_and_preprocess -d DATASET_ID -pl nnUNetPlannerGTV25D"):
+        nnUNetTrainerGTV25DLocal(plans, "3d_fullres", 0, {}, torch.device("cpu"))
+
+
+def test_trainer_recipe_follows_the_paper(gtv_dataset, monkeypatch):
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle
+
+    for name, path in gtv_dataset["dirs"].items():
+        monkeypatch.setenv(name, path)
+    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans["continue_training"] = False  # set by nnU-Net's run_training before it builds a trainer
+    trainer = nnUNetTrainerGTV25DMiddle(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 1e-4 and optimizer.defaults["weight_decay"] == 1e-5
+    assert isinstance(scheduler, IterationStepLR) and scheduler.step_iterations == 10_000 and scheduler.gamma == 0.9
+    assert trainer.batch_size == 16 and not trainer.enable_deep_supervision
+    assert trainer.num_epochs * trainer.num_iterations_per_epoch == 17_000
+    assert isinstance(trainer.loss, MemoryEfficientSoftDiceLoss) and not trainer.loss.do_bg
+    assert type(trainer.network).__name__ == "GTV25DUNet"
+    output = trainer.network(torch.zeros(1, 1, 16, 64, 64))
+    assert isinstance(output, torch.Tensor) and output.shape == (1, 2, 16, 64, 64)
+
+
+class _RecordingLoader:
+    """nnU-Net's loader, recording every patch box it draws (the class is built lazily: nnunetv2 import)."""
+
+    @staticmethod
+    def make(*args, **kwargs):
+        from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+        class Recording(nnUNetDataLoader):
+            def get_bbox(self, data_shape, force_fg, class_locations, *rest, **kw):
+                lower, upper = super().get_bbox(data_shape, force_fg, class_locations, *rest, **kw)
+                self.draws.append((np.array(lower), np.array(upper), force_fg, np.array(data_shape)))
+                return lower, upper
+
+        loader = Recording(*args, **kwargs)
+        loader.draws = []
+        return loader
+
+
+@pytest.mark.parametrize("region", ["local", "middle"])
+def test_patches_stay_inside_the_region_and_foreground_is_oversampled(gtv_dataset, region):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunetv2_gtv.training.region_dataset import RegionCroppedDataset
+    from nnunetv2_gtv.training.sampling_regions import training_region_boxes
+
+    folder = gtv_dataset["data"]
+    plans = json.loads((folder.parent / "nnUNetPlans.json").read_text())
+    dataset = infer_dataset_class(str(folder))(str(folder))
+    boxes = training_region_boxes(str(folder), dataset, plans, [3.0, 1.0, 1.0], region, log=lambda _: None)
+    cropped = RegionCroppedDataset(dataset, boxes)
+    patch = (16, 64, 64)
+    loader = _RecordingLoader.make(cropped, 16, patch, patch, LabelManager({"background": 0, "GTV": 1}, None),
+                                   oversample_foreground_percent=0.33, sampling_probabilities=None, pad_sides=None,
+                                   probabilistic_oversampling=False)
+    batches = 20
+    foreground_patches = forced = 0
+    for _ in range(batches):
+        batch = loader.generate_train_batch()
+        foreground_patches += int(sum((seg > 0).any() for seg in batch["target"]))
+    for identifier, box in boxes.items():  # what the loader sees of a case is exactly its region
+        assert cropped.load_case(identifier)[0].shape[1:] == tuple(stop - start for start, stop in box)
+    for lower, upper, force_fg, cropped_shape in loader.draws:
+        centre = (lower + upper) / 2
+        assert np.all(centre >= 0) and np.all(centre <= cropped_shape), (lower, upper, cropped_shape)
+        forced += force_fg
+    draws = len(loader.draws)
+    assert draws == 16 * batches
+    # nnU-Net forces the last round(16 * 0.67) = 11th..16th sample of each batch onto foreground: 5 of 16 = 31.25 %
+    assert forced / draws == pytest.approx(5 / 16)
+    assert foreground_patches / draws >= 5 / 16 - 0.02  # forced patches hold foreground, random ones sometimes do
+
+
+@pytest.mark.slow
+def test_each_trainer_trains_validates_and_saves_through_the_stock_cli(trained_models):
+    for scale, model in trained_models.items():
+        fold = model / "fold_0"
+        assert (fold / "checkpoint_final.pth").is_file()
+        assert (fold / "validation" / "summary.json").is_file()
+        assert list((fold / "validation").glob("*.npz")), "--npz validation probabilities missing"
+        checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert checkpoint["trainer_name"] == f"nnUNetTrainerGTV25D{scale}_smoke"
+        log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+        if scale != "Global":
+            assert f"training on the '{scale.lower()}' region" in log and "regions case_" in log
+        else:
+            assert "training on the" not in log
