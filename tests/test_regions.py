@@ -1,0 +1,351 @@
+"""Anatomy-based sampling regions: orientation, detection on synthetic and real CT, cache, coverage, gtv-regions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from nnunetv2_gtv.cli import regions_png
+from nnunetv2_gtv.demo.synthetic import HEAD_START, NECK_START, ORIENTATIONS, CaseGeometry, render_case
+from nnunetv2_gtv.training import regions as reg
+from nnunetv2_gtv.training.regions import (
+    Box, CaseRegions, RegionSettings, array_axis_orientation, body_threshold_from_plans, compute_regions,
+    detect_levels, label_coverage_report, load_or_compute_regions, superior_axis_from_direction,
+)
+
+SLICE_MM = 3.0
+SHAPE = (40, 96, 96)
+PLANS = {
+    "transpose_forward": [0, 1, 2],
+    "foreground_intensity_properties_per_channel": {
+        "0": {"mean": 50.0, "std": 250.0, "percentile_00_5": -200.0, "percentile_99_5": 700.0}},
+    "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "spacing": [SLICE_MM, 1.0, 1.0],
+                                      "normalization_schemes": ["CTNormalization"]}},
+}
+
+
+def synthetic(orientation: str = "identity", seed: int = 0, shape=SHAPE):
+    """(image in HU, label, geometry, superior fraction s of every array slice along axis 0)."""
+    geometry = CaseGeometry(shape, (1.0, 1.0, SLICE_MM), ORIENTATIONS[orientation])
+    image, label = render_case(geometry, np.random.default_rng(seed))
+    wz = geometry.world_axes()[2]
+    return image, label, geometry, (wz - wz.min()) / (wz.max() - wz.min())
+
+
+def regions_of(image, geometry, **settings) -> CaseRegions:
+    return compute_regions(image, (SLICE_MM, 1.0, 1.0), *superior_axis_from_direction(geometry.direction), -150.0,
+                           RegionSettings(**settings))
+
+
+def assert_nested(regions: CaseRegions, shape) -> None:
+    boxes = regions.boxes
+    assert boxes["global"] == Box.full(shape)
+    assert boxes["global"].contains(boxes["middle"]) and boxes["middle"].contains(boxes["local"])
+
+
+# ---------------------------------------------------------------- orientation
+
+
+def test_superior_axis_follows_the_direction():
+    assert superior_axis_from_direction((1, 0, 0, 0, 1, 0, 0, 0, 1)) == (0, True)
+    assert superior_axis_from_direction((1, 0, 0, 0, 1, 0, 0, 0, -1)) == (0, False)
+    # image index i runs superior (sagittal stack): the last array axis, or the first after transposing (2, 1, 0)
+    sagittal = (0, 1, 0, 0, 0, 1, 1, 0, 0)
+    assert superior_axis_from_direction(sagittal) == (2, True)
+    assert superior_axis_from_direction(sagittal, (2, 1, 0)) == (0, True)
+    # oblique: tilted 30 degrees about left-right, superior still mostly along k but pointing down
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    assert superior_axis_from_direction((1, 0, 0, 0, c, s, 0, s, -c)) == (0, False)
+    with pytest.raises(ValueError, match="9 entries"):
+        superior_axis_from_direction((1, 0, 0, 1))
+
+
+def test_array_axis_orientation_maps_every_world_axis_once():
+    assert array_axis_orientation(CaseGeometry(SHAPE, (1, 1, 3), ORIENTATIONS["flip_inplane"]).direction) == [
+        (2, 1), (1, -1), (0, -1)]
+    sagittal = (0, 1, 0, 0, 0, 1, 1, 0, 0)  # i -> S, j -> L, k -> P
+    assert array_axis_orientation(sagittal) == [(1, 1), (0, 1), (2, 1)]
+
+
+# ---------------------------------------------------------------- synthetic anatomy
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTATIONS))
+def test_synthetic_regions_follow_the_anatomy_in_every_orientation(orientation):
+    image, label, geometry, s = synthetic(orientation, seed=list(ORIENTATIONS).index(orientation))
+    regions = regions_of(image, geometry)
+    assert_nested(regions, image.shape)
+    assert regions.warnings == ()
+    local, middle = regions.boxes["local"], regions.boxes["middle"]
+    # local holds the whole GTV on the nasopharynx wall, and every head slice (the nasopharynx is the lowest ones)
+    assert label[local.slices].sum() == label.sum() > 0
+    in_local = np.zeros(len(s), bool)
+    in_local[slice(*local.ranges[0])] = True
+    assert in_local[s >= HEAD_START].all()
+    head_voxels = np.argwhere((image > -150) & (s >= HEAD_START)[:, None, None])
+    assert all(lo <= head_voxels[:, a].min() and head_voxels[:, a].max() < hi
+               for a, (lo, hi) in enumerate(local.ranges) if a > 0)
+    # ... but not the lower neck: it ends within the margin (plus a slice) below the head
+    extent_mm = (len(s) - 1) * SLICE_MM
+    assert s[in_local].min() >= HEAD_START - (RegionSettings().z_margin_mm + SLICE_MM) / extent_mm
+    # middle holds head and neck, no shoulder slice
+    in_middle = np.zeros(len(s), bool)
+    in_middle[slice(*middle.ranges[0])] = True
+    assert in_middle[s >= NECK_START].all()
+    assert not in_middle[s < NECK_START].any()
+    assert s[regions.levels["shoulders"]] < NECK_START <= s[regions.levels["neck"]] < HEAD_START
+
+
+def test_regions_move_with_the_superior_axis():
+    image, _, geometry, _ = synthetic()
+    upright = regions_of(image, geometry)
+    lying = compute_regions(np.moveaxis(image, 0, 2), (1.0, 1.0, SLICE_MM), 2, True, -150.0)
+    for name in reg.REGION_NAMES:
+        z, y, x = upright.boxes[name].ranges
+        assert lying.boxes[name].ranges == (y, x, z)
+    assert lying.levels == upright.levels
+
+
+def test_raised_arms_are_ignored():
+    image, label, geometry, s = synthetic(seed=4)
+    plain = regions_of(image, geometry)
+    n_x = image.shape[2]
+    u = np.linspace(-1, 1, n_x)
+    arms = (np.abs(np.abs(u) - 0.86) < 0.08)[None, None, :] & (np.abs(np.linspace(-1, 1, image.shape[1])) < 0.1)[
+        None, :, None] & (s > 0.15)[:, None, None]
+    image = np.where(arms, 40, image).astype(image.dtype)
+    regions = regions_of(image, geometry)
+    assert_nested(regions, image.shape)
+    assert regions.boxes["local"] == plain.boxes["local"] and regions.boxes["middle"] == plain.boxes["middle"]
+    arm_columns = np.nonzero(arms[slice(*regions.boxes["local"].ranges[0])].any(axis=(0, 1)))[0]
+    lo, hi = regions.boxes["local"].ranges[2]
+    assert arm_columns.min() < lo and arm_columns.max() >= hi  # had the arms counted, the box would be wider
+
+
+def test_thin_couch_touching_the_head_is_ignored():
+    image, _, geometry, _ = synthetic(seed=6)
+    plain = regions_of(image, geometry)
+    back = int(np.nonzero((image > -150).any(axis=(0, 2)))[0].max())  # most posterior body row (head)
+    with_couch = image.copy()
+    with_couch[:, back + 1:back + 3, :] = 200  # a 2 mm shell over the whole width and length, touching the head
+    regions = regions_of(with_couch, geometry)
+    for name, box in regions.boxes.items():
+        (z, y, x), (pz, py, px) = box.ranges, plain.boxes[name].ranges
+        assert z == pz and x == px and abs(y[0] - py[0]) + abs(y[1] - py[1]) <= 3  # at most the contact point
+    assert regions_of(with_couch, geometry, opening_mm=0).boxes["local"].ranges[2] == (0, image.shape[2])
+
+
+@pytest.mark.parametrize("keep_from, warning", [(HEAD_START + 0.02, "no neck"), (NECK_START + 0.1, "no shoulders")])
+def test_cropped_scans_fall_back_with_a_warning(keep_from, warning):
+    image, label, geometry, s = synthetic(seed=2)
+    keep = s >= keep_from
+    cropped = image[keep]
+    regions = regions_of(cropped, geometry)
+    assert any(warning in w for w in regions.warnings), regions.warnings
+    assert_nested(regions, cropped.shape)
+    assert regions.boxes["middle"].ranges[0] == (0, cropped.shape[0])  # middle falls back to the whole body
+    assert label[keep][regions.boxes["local"].slices].sum() == label[keep].sum()
+    if warning == "no neck":
+        assert regions.boxes["local"] == regions.boxes["middle"]
+    else:  # local still stops in the neck
+        assert s[keep][slice(*regions.boxes["local"].ranges[0])].min() > keep_from + 0.05
+
+
+def test_wrong_direction_is_flagged():
+    image, _, geometry, _ = synthetic()
+    regions = compute_regions(image, (SLICE_MM, 1.0, 1.0), 0, False, -150.0)  # truth: superior at high index
+    assert any("upside down" in w for w in regions.warnings)
+    assert_nested(regions, image.shape)
+
+
+@pytest.mark.parametrize("profile", [np.zeros(30), np.linspace(1, 100, 30), np.full(30, 50.0), np.array([5.0])])
+def test_profiles_without_a_narrowing_have_no_neck(profile):
+    levels = detect_levels(profile, 3.0)
+    assert levels.neck is None and levels.head_end is None and levels.shoulders is None and levels.warnings
+
+
+def test_noisy_profiles_never_crash():
+    for seed in range(20):
+        profile = np.random.default_rng(seed).uniform(0, 100, 40)
+        levels = detect_levels(profile, 3.0)
+        if levels.neck is not None:
+            assert levels.head_end <= levels.neck and (levels.shoulders is None or levels.shoulders > levels.neck)
+
+
+def test_empty_image_gives_whole_image_regions_with_a_warning():
+    regions = compute_regions(np.full((10, 20, 20), -1000.0), (3.0, 1.0, 1.0), 0, True, -150.0)
+    assert all(box == Box.full((10, 20, 20)) for box in regions.boxes.values())
+    assert any("no body" in w for w in regions.warnings)
+
+
+# ---------------------------------------------------------------- cache and coverage
+
+
+def test_body_threshold_from_plans():
+    assert body_threshold_from_plans(PLANS) == pytest.approx((-150 - 50) / 250)
+    narrow = json.loads(json.dumps(PLANS))
+    narrow["foreground_intensity_properties_per_channel"]["0"]["percentile_00_5"] = 31.0
+    assert body_threshold_from_plans(narrow) == pytest.approx((31 - 50) / 250)  # the clip value itself
+    narrow["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
+    with pytest.raises(ValueError, match="not CTNormalization"):
+        body_threshold_from_plans(narrow)
+
+
+@pytest.fixture
+def preprocessed(tmp_path):
+    """A flipped-superior synthetic case saved the way nnU-Net's preprocessor saves it, plus its plans."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+
+    image, label, geometry, s = synthetic("flip_superior", seed=5)
+    props = PLANS["foreground_intensity_properties_per_channel"]["0"]
+    data = ((np.clip(image, -200, 700) - props["mean"]) / props["std"]).astype(np.float32)[None]
+    folder = tmp_path / "Dataset990_Synthetic" / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    (folder.parent / "nnUNetPlans.json").write_text(json.dumps(PLANS))
+    properties = {"sitk_stuff": {"spacing": geometry.spacing_xyz, "origin": geometry.origin,
+                                 "direction": geometry.direction},
+                  "spacing": [SLICE_MM, 1.0, 1.0], "shape_after_cropping_and_before_resampling": image.shape}
+    blocks, chunks = comp_blosc2_params(data.shape, (16, 64, 64))
+    nnUNetDatasetBlosc2.save_case(data, label[None].astype(np.int8), properties, str(folder / "case_000"),
+                                  chunks=chunks, blocks=blocks)
+    return folder, label, s
+
+
+def test_regions_are_cached_and_recomputed_when_stale(preprocessed, monkeypatch):
+    folder, label, s = preprocessed
+    threshold = body_threshold_from_plans(PLANS)
+    lines = []
+    regions = load_or_compute_regions(folder, "case_000", threshold, log=lines.append)
+    cache = folder / "gtv_regions" / "case_000.json"
+    assert cache.is_file() and [p.name for p in cache.parent.iterdir()] == ["case_000.json"]
+    assert CaseRegions.from_json(json.loads(cache.read_text())) == regions
+    assert lines and "local [" in lines[0] and "mm)" in lines[0]
+    assert regions.superior_axis == 0 and not regions.superior_is_high
+    assert label[regions.boxes["local"].slices].sum() == label.sum()
+    assert s[slice(*regions.boxes["middle"].ranges[0])].min() >= NECK_START
+
+    calls = []
+    real_compute = reg.compute_regions
+    monkeypatch.setattr(reg, "compute_regions", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    assert load_or_compute_regions(folder, "case_000", threshold, [SLICE_MM, 1.0, 1.0]) == regions
+    assert calls == []  # served from the cache (spacing given or derived alike)
+    load_or_compute_regions(folder, "case_000", threshold, settings=RegionSettings(z_margin_mm=20.0))
+    cache.write_text("{ truncated")
+    load_or_compute_regions(folder, "case_000", threshold)
+    assert len(calls) == 2 and CaseRegions.from_json(json.loads(cache.read_text())) == regions
+
+
+def test_label_coverage_report_counts_cases_and_warns_about_misses():
+    seg = np.zeros((10, 8, 8), np.int8)
+    seg[6:9, 2:4, 2:4] = 1
+    seg[0] = -1  # nnU-Net's "outside the crop" marker is no label
+    inner = {"local": Box(((5, 10), (0, 8), (0, 8))), "middle": Box(((2, 10), (0, 8), (0, 8))),
+             "global": Box.full(seg.shape)}
+    short = dict(inner, local=Box(((8, 10), (0, 8), (0, 8))))
+    counts, warnings = label_coverage_report({"a": inner, "b": short, "empty": short},
+                                             {"a": seg, "b": seg[None], "empty": np.zeros_like(seg)})
+    assert counts == {"local": 2, "middle": 3, "global": 3, "cases": 3}
+    assert any(w.startswith("b: only 33.3% of the label lies inside the local region") for w in warnings)
+    assert any("local 2/3" in w for w in warnings) and not any("middle" in w for w in warnings)
+
+
+# ---------------------------------------------------------------- gtv-regions
+
+
+def _assert_png(path):
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 0
+    with Image.open(path) as image:
+        assert image.size[0] > 400 and image.size[1] > 400
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_gtv_regions_draws_a_raw_image(tmp_path, capsys):
+    image, label, geometry, _ = synthetic("flip_superior", seed=1)
+    for name, array in (("ct.nii.gz", image), ("label.nii.gz", label)):
+        itk = sitk.GetImageFromArray(array)
+        itk.SetSpacing(geometry.spacing_xyz)
+        itk.SetDirection(geometry.direction)
+        sitk.WriteImage(itk, str(tmp_path / name))
+    out = tmp_path / "png" / "regions.png"
+    assert regions_png.main([str(tmp_path / "ct.nii.gz"), "-l", str(tmp_path / "label.nii.gz"), "-o", str(out)]) == 0
+    _assert_png(out)
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_gtv_regions_draws_a_preprocessed_case(preprocessed, tmp_path, capsys):
+    folder, _, _ = preprocessed
+    out = tmp_path / "pre.png"
+    result = subprocess.run([sys.executable, "-m", "nnunetv2_gtv.cli.regions_png", "-p", str(folder), "-c",
+                             "case_000", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    _assert_png(out)
+    assert "regions computed: local [" in result.stdout
+    # once a trainer has cached its regions, the picture shows exactly those
+    cached = load_or_compute_regions(folder, "case_000", body_threshold_from_plans(PLANS),
+                                     settings=RegionSettings(z_margin_mm=30.0))
+    assert regions_png.main(["-p", str(folder), "-c", "case_000", "-o", str(out)]) == 0
+    cache = folder / "gtv_regions" / "case_000.json"
+    assert f"regions cached in {cache}: {cached.describe()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing.nii.gz"], "image file not found: {tmp}/missing.nii.gz"),
+    (["{tmp}/not_an_image.nii.gz"], "cannot read image file {tmp}/not_an_image.nii.gz"),
+    (["-p", "{tmp}", "-c", "case_000"], "holds no nnU-Net preprocessed cases"),
+])
+def test_gtv_regions_rejects_bad_input(tmp_path, capsys, args, message):
+    (tmp_path / "not_an_image.nii.gz").write_text("hello")
+    out = tmp_path / "never.png"
+    code = regions_png.main([a.format(tmp=tmp_path) for a in args] + ["-o", str(out)])
+    assert code == 2 and not out.exists()
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_gtv_regions_names_unknown_cases(preprocessed, capsys):
+    folder, _, _ = preprocessed
+    assert regions_png.main(["-p", str(folder), "-c", "case_999"]) == 2
+    err = capsys.readouterr().err
+    assert f"case 'case_999' not in {folder}; cases there: case_000" in err
+
+
+# ---------------------------------------------------------------- real CT
+
+
+@pytest.mark.realdata
+def test_real_ct_regions(real_data, capsys):
+    widths_mm, rows = {}, []
+    coverage_regions, coverage_segs = {}, {}
+    for image_file in sorted((real_data / "imagesTr").glob("*.nii.gz")):
+        case = image_file.name[: -len("_0000.nii.gz")]
+        itk = sitk.ReadImage(str(image_file))
+        image = sitk.GetArrayFromImage(itk)
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(real_data / "labelsTr" / f"{case}.nii.gz")))
+        spacing = itk.GetSpacing()[::-1]
+        regions = compute_regions(image, spacing, *superior_axis_from_direction(itk.GetDirection()), -150.0)
+        assert_nested(regions, image.shape)
+        coverage_regions[case], coverage_segs[case] = regions, seg
+        # shoulders, measured independently: slices whose main body piece is wider than 300 mm (no neck is)
+        widths = []
+        for plane in image > -150:
+            pieces, n = ndimage.label(plane)
+            main = pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1) if n else plane
+            columns = np.nonzero(main.any(axis=0))[0]
+            widths.append((columns[-1] - columns[0] + 1) * spacing[2] if columns.size else 0.0)
+        wide = np.nonzero(np.array(widths) > 300)[0]
+        middle = regions.boxes["middle"].ranges[0]
+        assert not ((wide >= middle[0]) & (wide < middle[1])).any(), f"{case}: middle reaches the shoulders"
+        if wide.size:  # superior is the high index here: middle must reach down close to the shoulders
+            assert (middle[0] - 1 - wide.max()) * spacing[0] <= 25, f"{case}: middle stops far above the shoulders"
+            assert regions.boxes["local"].ranges[0][0] > middle[0]
+        rows.append(f"{case}: {regions.describe()} levels {regions.levels} {'; '.join(regions.warnings)}")
+    counts, warnings = label_coverage_report(coverage_regions, coverage_segs)
+    assert counts["global"] == counts["cases"] == len(rows) > 0
+    with capsys.disabled():
+        print("\n" + "\n".join(rows + [f"labels fully inside: {counts}"] + warnings))
