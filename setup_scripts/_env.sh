@@ -4,6 +4,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GTV_VENV="${GTV_VENV:-$REPO_ROOT/.venv}"
 PYTHON_BIN="${PYTHON_BIN:-python3}"
+SETUP_START=$(date +%s)
 
 if [ ! -x "$GTV_VENV/bin/python" ]; then
   echo "[setup] creating virtual environment in $GTV_VENV"
@@ -20,3 +21,4 @@ python -m pip install -q "$REPO_ROOT[test]"
 echo "[setup] registering nnunetv2_gtv's planner and trainers with nnU-Net"
 nnunetv2-gtv register
 nnunetv2-gtv check
+echo "[setup] environment ready in $(( $(date +%s) - SETUP_START )) s; size $(du -sh "$GTV_VENV" | cut -f1) ($GTV_VENV)"
