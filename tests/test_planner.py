@@ -130,3 +130,19 @@ def test_stock_plans_are_refused_with_the_planning_command():
              "configurations": {"3d_fullres": {"architecture": {"network_class_name": "x.PlainConvUNet"}}}}
     with pytest.raises(GTVPlansError, match="-pl nnUNetPlannerGTV25D"):
         assert_gtv_plans(plans, "3d_fullres")
+
+
+def test_overwrite_plans_name_keeps_a_stock_plan_beside_ours(nnunet_dirs):
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiment_dataset
+
+    write_dataset(nnunet_dirs["nnUNet_raw"], 987, num_train=2, num_test=0, in_plane_size=40, num_slices=12)
+    extract_fingerprints([987], num_processes=1)
+    folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset987_SyntheticGTV"
+    stock = {"plans_name": "nnUNetPlans", "experiment_planner_used": "ExperimentPlanner", "configurations": {}}
+    (folder / "nnUNetPlans.json").write_text(json.dumps(stock))
+    plan_experiment_dataset(987, experiment_planner_class=nnUNetPlannerGTV25D, overwrite_plans_name="nnUNetPlansGTV25D")
+    assert json.loads((folder / "nnUNetPlans.json").read_text()) == stock
+    ours = json.loads((folder / "nnUNetPlansGTV25D.json").read_text())
+    assert ours["plans_name"] == "nnUNetPlansGTV25D"
+    assert ours["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlansGTV25D_3d_fullres"
+    assert_gtv_plans(ours, "3d_fullres")
