@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from nnunetv2_gtv.file_modes import make_shareable
+
 PLUGIN_FOLDER_NAME = "nnunetv2_gtv_plugin"
 SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))  # [lower, upper)
 SUPPORTED_NNUNET_TEXT = ">=2.8.1,<2.9"
@@ -138,6 +140,7 @@ def register() -> list[Path]:
             raise RegistrationError(f"cannot write into {folder.parent}: no write permission")
         # the hidden name ('.' inside) is never seen as a package by nnU-Net's pkgutil-based lookup
         staging = Path(tempfile.mkdtemp(prefix=f".{PLUGIN_FOLDER_NAME}.", dir=folder.parent))
+        make_shareable(staging)
         try:
             for name, text in files.items():
                 (staging / name).write_text(text)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,14 @@ def test_leftover_shims_never_break_nnunet_when_the_plugin_is_uninstalled():
     result = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["nnUNetTrainer_5epochs", "ours", "not", "found"]
+
+
+def test_shim_folders_are_readable_by_other_users(registered_afterwards):
+    """mkdtemp makes private folders; the renamed shim folder must get the umask's ordinary permissions."""
+    registration.remove()
+    registration.register()
+    nnunet_root, _ = registration.find_nnunet()
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in registration.plugin_folders(nnunet_root):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, oct(folder.stat().st_mode)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_gtv.file_modes import make_shareable
+
 # HU values of the tissues
 AIR_HU = -1000.0
 FAT_HU = -90.0
@@ -214,6 +216,7 @@ def write_dataset(
     raw_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_dir))
+    make_shareable(staging)
     try:
         splits = [("Tr", f"case_{i:03d}") for i in range(num_train)]
         splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]

@@ -27,6 +27,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from tqdm import tqdm
 
 from nnunetv2_gtv import __version__
+from nnunetv2_gtv.file_modes import make_shareable
 from nnunetv2_gtv.network.gtv_unet import plans_architecture
 from nnunetv2_gtv.planning.plans_check import GTV_PLANS_KEY, GTVPlansError
 
@@ -149,6 +150,7 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
         os.close(handle)
         try:
             save_json(plans, temporary, sort_keys=False)
+            make_shareable(temporary)
             os.replace(temporary, plans_file)
         finally:
             if os.path.exists(temporary):
