@@ -1,4 +1,5 @@
-"""Tests of gtv-evaluate: metrics on analytic shapes, error-rate table, correlations, folder handling, CLI."""
+"""Tests of gtv-evaluate: metrics on analytic shapes, error-rate table, correlations, folder handling, CLI,
+per-case overlay figures."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
@@ -17,6 +19,7 @@ from nnunetv2_gtv.evaluation import uncertainty_analysis
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError, Volume, check_same_grid, detect_file_ending
 from nnunetv2_gtv.evaluation.metrics import compute_metrics, directed_surface_distances, summarise, surface
 from nnunetv2_gtv.evaluation.pipeline import EvaluationResult, EvaluationSettings
+from nnunetv2_gtv.evaluation.plots import overlay_views
 from nnunetv2_gtv.evaluation.report import build_summary, markdown
 from nnunetv2_gtv.evaluation.uncertainty_analysis import (
     LevelCount,
@@ -408,3 +411,114 @@ def test_continuous_entropy_is_flagged_and_its_table_left_to_the_csv(tmp_path):
     assert any("25 entropy levels" in note for note in doc["notes"])
     report = markdown(doc)
     assert "see error_rates.csv" in report and "level 25" not in report
+
+
+# ---------------------------------------------------------------- overlay figures
+
+IDENTITY = (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+UPRIGHT_SPACING_ZYX = (3.0, 0.9, 0.8)
+UPRIGHT_CENTRE = (6, 60, 50)  # (z, y, x) centre of the fused box
+# (stored array from the upright one, direction, spacing (z, y, x) of the stored array)
+ORIENTED = {
+    "identity": (lambda a: a, IDENTITY, UPRIGHT_SPACING_ZYX),
+    "flipped superior": (lambda a: a[::-1], (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0), UPRIGHT_SPACING_ZYX),
+    "flipped in-plane": (lambda a: a[:, ::-1, ::-1], (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0), UPRIGHT_SPACING_ZYX),
+    "slices along x": (lambda a: a.transpose(2, 1, 0), (0, 0, 1.0, 0, 1.0, 0, 1.0, 0, 0),
+                       UPRIGHT_SPACING_ZYX[::-1]),
+}
+
+
+def upright_case():
+    """(ct, fused, reference, entropy) with array indices increasing to superior (z), posterior (y), left (x)."""
+    shape = (14, 121, 101)
+    ct = np.full(shape, -1000, np.int16)
+    ct[12, 60, 50] = 500  # superior, in the coronal plane
+    ct[6, 20, 50] = 600   # anterior, in the axial plane
+    ct[6, 60, 95] = 700   # patient left, in both planes
+    fused, reference = np.zeros(shape, bool), np.zeros(shape, bool)
+    fused[5:8, 55:66, 45:56] = True
+    reference[5:8, 57:68, 45:56] = True
+    entropy = np.where(fused ^ reference, 0.6931, 0).astype(np.float32)
+    return ct, fused, reference, entropy
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTED))
+def test_overlay_views_show_superior_and_anterior_up_and_patient_right_on_the_image_left(orientation):
+    store, direction, spacing = ORIENTED[orientation]
+    upright = upright_case()
+    overlay = overlay_views(*(store(a) for a in upright), spacing, direction)
+    ct, fused, reference, entropy = upright
+    # y crop: boxes span rows 55-67, grown by ceil(40 mm / 0.9 mm) = 45 rows; z and x reach the image edges
+    axial_cut, coronal_cut = (6, slice(10, 113), slice(None)), (slice(None, None, -1), 60, slice(None))
+    axial, coronal = overlay.views
+    for volume, field_name in zip(upright, ("ct", "fused", "reference", "entropy")):
+        np.testing.assert_array_equal(getattr(axial, field_name), volume[axial_cut])
+        np.testing.assert_array_equal(getattr(coronal, field_name), volume[coronal_cut])
+    assert axial.ct[10, 50] == 600 and axial.ct[50, 95] == 700  # anterior marker near the top, left on the right
+    assert coronal.ct[1, 50] == 500 and coronal.ct[7, 95] == 700  # superior marker near the top
+    assert (axial.aspect, coronal.aspect) == pytest.approx((0.9 / 0.8, 3.0 / 0.8))
+    assert (axial.edges, coronal.edges) == (("A", "P", "R", "L"), ("S", "I", "R", "L"))
+    marker = np.zeros(ct.shape, bool)
+    marker[UPRIGHT_CENTRE] = True
+    assert overlay.centre_ijk == tuple(np.argwhere(store(marker))[0][::-1])
+    assert overlay.centred_on == "centre of the fused GTV" and overlay.entropy_max == pytest.approx(0.6931)
+
+
+def test_overlay_centre_falls_back_to_the_reference_then_the_volume_centre():
+    ct, _, reference, _ = upright_case()
+    empty = np.zeros_like(reference)
+    on_reference = overlay_views(ct, empty, reference, None, UPRIGHT_SPACING_ZYX, IDENTITY)
+    assert on_reference.centred_on == "centre of the reference" and on_reference.centre_ijk == (50, 62, 6)
+    assert on_reference.entropy_max is None and on_reference.views[0].entropy is None
+    neither = overlay_views(ct, empty, empty, np.zeros(ct.shape, np.float32), UPRIGHT_SPACING_ZYX, IDENTITY)
+    assert "volume centre" in neither.centred_on and neither.centre_ijk == (50, 60, 7)
+    assert neither.views[0].ct.shape == ct.shape[1:]  # nothing to crop to
+
+
+@pytest.fixture
+def overlay_folder(tmp_path):
+    """Cases 'upright' (identity direction), 'flipped' (superior axis flipped) and 'no_ct' (no CT image)."""
+    folders = {name: tmp_path / name for name in ("fused", "labels", "images")}
+    for folder in folders.values():
+        folder.mkdir()
+    ct, fused, reference, entropy = upright_case()
+    for case, orientation in (("upright", "identity"), ("flipped", "flipped superior"), ("no_ct", "identity")):
+        store, direction, spacing = ORIENTED[orientation]
+        write = {"spacing": spacing[::-1], "direction": direction}
+        write_image(folders["labels"] / f"{case}.nii.gz", store(reference).astype(np.uint8), **write)
+        write_image(folders["fused"] / f"{case}.nii.gz", store(fused).astype(np.uint8), **write)
+        write_image(folders["fused"] / f"{case}_entropy.nii.gz", store(entropy), **write)
+        if case != "no_ct":
+            write_image(folders["images"] / f"{case}_0000.nii.gz", store(ct), **write)
+    return folders
+
+
+def test_cli_images_write_one_overlay_per_case_linked_from_the_report(overlay_folder):
+    fused, labels, images = overlay_folder["fused"], overlay_folder["labels"], overlay_folder["images"]
+    out = fused.parent / "report"
+    assert main(["-p", str(fused), "-r", str(labels), "--images", str(images), "-o", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Cases" in report
+    for case in ("upright", "flipped"):
+        png = out / f"overlay_{case}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 0 < png.stat().st_size < 150_000
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.size[0] > 400 and image.size[1] > 200
+        assert f"![{case}](overlay_{case}.png)" in report
+    assert not (out / "overlay_no_ct.png").exists()
+    assert "no_ct: no CT image no_ct_0000.nii.gz" in report
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["overlays"] == {"upright": "overlay_upright.png", "flipped": "overlay_flipped.png"}
+
+    plain = fused.parent / "plain"
+    assert main(["-p", str(fused), "-r", str(labels), "-o", str(plain)]) == 0
+    assert not list(plain.glob("overlay_*")) and "## Cases" not in (plain / "report.md").read_text()
+
+
+def test_cli_missing_images_folder_fails_naming_it(overlay_folder, capsys):
+    fused, labels = overlay_folder["fused"], overlay_folder["labels"]
+    missing = fused.parent / "no_such_images"
+    assert main(["-p", str(fused), "-r", str(labels), "--images", str(missing)]) == 2
+    assert f"{missing}: CT images folder does not exist" in capsys.readouterr().err

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                              "entropy > 0 grown by --margin-mm; body = CT > --body-threshold (needs --images); "
                              "image = whole image (default: bbox)")
     parser.add_argument("--margin-mm", type=float, default=10.0, help="bbox margin in mm (default: 10)")
-    parser.add_argument("--images", type=Path, help="CT images <case>_0000<ending> for --error-region body")
+    parser.add_argument("--images", type=Path,
+                        help="CT images <case>_0000<ending>: one overlay PNG per case (CT, contours, entropy); "
+                             "also needed by --error-region body")
     parser.add_argument("--body-threshold", type=float, default=-300.0, help="body HU threshold (default: -300)")
     parser.add_argument("--entropy-decimals", type=int, default=4,
                         help="entropy values are rounded to this many decimals to form levels (default: 4)")

@@ -13,6 +13,8 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_gtv.file_modes import make_shareable
+
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DERIVED_SUFFIXES = ("_entropy", "_probability")
 # Geometry tolerances: spacing relative, origin in mm, direction cosines absolute (NIfTI stores float32).
@@ -163,6 +165,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it is renamed to ``path`` only if the block succeeds."""
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
+    make_shareable(tmp)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

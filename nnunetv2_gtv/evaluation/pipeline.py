@@ -21,6 +21,7 @@ from nnunetv2_gtv.evaluation.folders import (
     read_volume,
 )
 from nnunetv2_gtv.evaluation.metrics import compute_metrics
+from nnunetv2_gtv.evaluation.plots import Overlay, overlay_views
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS, LevelCount, error_region, level_counts
 
 FUSED = "fused"
@@ -31,7 +32,8 @@ class EvaluationSettings:
     """Options of one evaluation; see :mod:`nnunetv2_gtv.evaluation.uncertainty_analysis` for the regions.
 
     ``label`` is the foreground label the metrics are computed for. ``images_dir`` holds the CT images as
-    ``<case>_0000<file_ending>`` (nnU-Net naming) and is needed by the ``body`` region only.
+    ``<case>_0000<file_ending>`` (nnU-Net naming); it is needed by the ``body`` region, and whenever it is
+    given every case gets an overlay figure.
     """
 
     label: int = 1
@@ -58,6 +60,7 @@ class EvaluationResult:
     vvc: dict[str, float] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    overlays: dict[str, Overlay] = field(default_factory=dict)
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -68,9 +71,9 @@ def _require_dir(path: Path, what: str) -> None:
 def _check_settings(settings: EvaluationSettings) -> None:
     if settings.error_region not in REGION_KINDS:
         raise EvaluationInputError(f"unknown error region {settings.error_region!r}; choose {', '.join(REGION_KINDS)}")
-    if settings.error_region == "body":
-        if settings.images_dir is None:
-            raise EvaluationInputError("the body error region needs the CT images folder (--images)")
+    if settings.error_region == "body" and settings.images_dir is None:
+        raise EvaluationInputError("the body error region needs the CT images folder (--images)")
+    if settings.images_dir is not None:
         _require_dir(settings.images_dir, "CT images")
     if settings.margin_mm < 0:
         raise EvaluationInputError(f"the bounding-box margin must be >= 0 mm, got {settings.margin_mm}")
@@ -88,29 +91,41 @@ def _references(cases: list[str], result: EvaluationResult) -> dict[str, Path]:
     return {case: path for case, path in found.items() if path is not None}
 
 
-def _level_counts(case: str, fused: Volume, reference: Volume, result: EvaluationResult) -> list[LevelCount] | None:
-    settings = result.settings
-    entropy_path = result.fused_dir / f"{case}_entropy{result.file_ending}"
-    if not entropy_path.is_file():
-        result.notes.append(f"{case}: no entropy map ({entropy_path.name}); left out of the error-rate table")
+def _entropy(case: str, fused: Volume, result: EvaluationResult) -> Volume | None:
+    path = result.fused_dir / f"{case}_entropy{result.file_ending}"
+    if not path.is_file():
+        result.notes.append(f"{case}: no entropy map ({path.name}); left out of the error-rate table")
         return None
-    entropy = read_volume(entropy_path)
+    entropy = read_volume(path)
     check_same_grid(entropy, fused)
-    ct = None
-    if settings.error_region == "body":
-        ct_path = find_image(settings.images_dir, f"{case}_0000", result.file_ending)
-        if ct_path is None:
-            raise EvaluationInputError(f"{settings.images_dir}: no CT image {case}_0000{result.file_ending} "
+    return entropy
+
+
+def _ct(case: str, reference: Volume, result: EvaluationResult) -> Volume | None:
+    """The case's CT when --images is given; a missing one fails the body region and only notes otherwise."""
+    images_dir, stem = result.settings.images_dir, f"{case}_0000"
+    if images_dir is None:
+        return None
+    path = find_image(images_dir, stem, result.file_ending)
+    if path is None:
+        if result.settings.error_region == "body":
+            raise EvaluationInputError(f"{images_dir}: no CT image {stem}{result.file_ending} "
                                        "for the body error region")
-        ct_volume = read_volume(ct_path)
-        check_same_grid(ct_volume, reference)
-        ct = ct_volume.array
+        result.notes.append(f"{case}: no CT image {stem}{result.file_ending} in {images_dir}; no overlay figure")
+        return None
+    ct = read_volume(path)
+    check_same_grid(ct, reference)
+    return ct
+
+
+def _level_counts(fused: Volume, reference: Volume, entropy: Volume, ct: Volume | None, settings: EvaluationSettings
+                  ) -> list[LevelCount]:
     region = error_region(settings.error_region, fused.array, reference.array, entropy.array, reference.spacing_zyx,
-                          settings.margin_mm, ct, settings.body_threshold_hu)
+                          settings.margin_mm, None if ct is None else ct.array, settings.body_threshold_hu)
     try:
         return level_counts(entropy.array, fused.array, reference.array, region, settings.entropy_decimals)
     except ValueError as error:
-        raise EvaluationInputError(f"{entropy_path}: {error}")
+        raise EvaluationInputError(f"{entropy.path}: {error}")
 
 
 def _model_metrics(case: str, reference: Volume, ref_mask, result: EvaluationResult) -> None:
@@ -154,13 +169,17 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
         reference = read_volume(references[case])
         fused = read_volume(fused_dir / f"{case}{file_ending}")
         check_same_grid(fused, reference)
-        ref_mask = reference.array == settings.label
-        metrics = compute_metrics(fused.array == settings.label, ref_mask, reference.spacing_zyx)
+        ref_mask, fused_mask = reference.array == settings.label, fused.array == settings.label
+        metrics = compute_metrics(fused_mask, ref_mask, reference.spacing_zyx)
         result.cases.append(case)
         result.metrics.append({"case": case, "source": FUSED, **metrics.as_dict()})
-        counts = _level_counts(case, fused, reference, result)
-        if counts is not None:
-            result.level_counts[case] = counts
+        entropy, ct = _entropy(case, fused, result), _ct(case, reference, result)
+        if entropy is not None:
+            result.level_counts[case] = _level_counts(fused, reference, entropy, ct, settings)
+        if ct is not None:
+            result.overlays[case] = overlay_views(ct.array, fused_mask, ref_mask,
+                                                  None if entropy is None else entropy.array,
+                                                  reference.spacing_zyx, reference.direction)
         if summary_rows is not None:
             result.vvc[case] = parse_float(summary_rows.get(case, {}).get("vvc"))
         _model_metrics(case, reference, ref_mask, result)

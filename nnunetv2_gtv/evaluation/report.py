@@ -1,4 +1,5 @@
-"""Write an evaluation as metrics.csv, error_rates.csv, evaluation.json, report.md and three PNG plots.
+"""Write an evaluation as metrics.csv, error_rates.csv, evaluation.json, report.md, three PNG plots and, when
+the CT images were given, one overlay PNG per case.
 
 Units in every output: Dice as a fraction (0-1), distances in mm, RVE and error rates in percent,
 volumes in ml. Mean ± std are over cases (sample std, ddof=1); undefined values (NaN, written as empty
@@ -12,6 +13,7 @@ import math
 import platform
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import scipy
@@ -31,6 +33,11 @@ REPORT_NAME = "report.md"
 ERROR_RATE_PNG = "error_rate_per_level.png"
 VVC_PNG = "vvc_vs_1_minus_dice.png"
 DICE_PNG = "dice_per_case.png"
+OVERLAY_CAPTION = (
+    f"Per case: CT (window {plots.HU_WINDOW[0]:g} to {plots.HU_WINDOW[1]:g} HU), fused segmentation "
+    f"({plots.FUSED_COLOUR}), reference ({plots.REFERENCE_COLOUR}, dashed) and the entropy map where > 0 (heat "
+    "map), in an axial and a coronal view through the centre of the fused GTV (else of the reference, else of "
+    "the volume); physical aspect ratio, patient right on the image left, anterior / superior up.")
 MANY_LEVELS = 20  # more distinct entropy values than N-model votes give in practice
 DIGITS = {"dice": 4, "assd_mm": 2, "hd95_mm": 2, "rve_percent": 1}
 METRIC_HEADERS = {"dice": "Dice", "assd_mm": "ASSD (mm)", "hd95_mm": "HD95 (mm)", "rve_percent": "RVE (%)"}
@@ -46,6 +53,11 @@ DEFINITIONS = {
     "levels": "distinct entropy values after rounding",
     "std": "sample standard deviation over cases (ddof=1)",
 }
+
+
+def overlay_png(case: str) -> str:
+    """File name of a case's overlay figure."""
+    return f"overlay_{case}.png"
 
 
 def _region_description(settings: EvaluationSettings) -> str:
@@ -111,6 +123,7 @@ def build_summary(result: EvaluationResult, command: str) -> dict:
         },
         "vvc_vs_1_minus_dice": {"cases": cases, "vvc": vvc, "one_minus_dice": one_minus_dice,
                                 **correlation(vvc, one_minus_dice)},
+        "overlays": {case: overlay_png(case) for case in result.overlays},
         "skipped_cases": result.skipped,
         "notes": notes,
     }
@@ -209,6 +222,11 @@ def markdown(doc: dict) -> str:
     lines += ["## VVC against 1 - Dice (fused)", "", _correlation_sentence(doc["vvc_vs_1_minus_dice"]), "",
               f"![VVC against 1 - Dice]({VVC_PNG})", ""]
 
+    if doc["overlays"]:
+        lines += ["## Cases", "", OVERLAY_CAPTION, ""]
+        for case, png in doc["overlays"].items():
+            lines += [f"### {case}", "", f"![{case}]({quote(png)})", ""]
+
     notes = [f"{e['case']} ({e['source']}): empty {e['empty']}" + (" mask" if e["empty"] != "both" else " masks")
              for e in doc["empty_masks"]]
     notes += [f"{s['case']}: skipped, {s['reason']}" for s in doc["skipped_cases"]] + doc["notes"]
@@ -239,7 +257,9 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
     plots.vvc_plot(vvc["one_minus_dice"], vvc["vvc"], vvc, output_dir / VVC_PNG)
     plots.dice_box_plot({source: [row["dice"] for row in _rows(result, source)] for source in _sources(result)},
                         output_dir / DICE_PNG)
+    for case, overlay in result.overlays.items():
+        plots.overlay_plot(case, overlay, output_dir / doc["overlays"][case])
     with atomic_output(output_dir / REPORT_NAME) as tmp:
         tmp.write_text(markdown(doc))
     return [output_dir / name for name in (METRICS_CSV, ERROR_RATES_CSV, JSON_NAME, REPORT_NAME,
-                                           ERROR_RATE_PNG, VVC_PNG, DICE_PNG)]
+                                           ERROR_RATE_PNG, VVC_PNG, DICE_PNG, *doc["overlays"].values())]
