@@ -34,7 +34,7 @@ step "5/6 gtv-uncertainty: fuse ${#MODELS[@]} models, largest component, entropy
 gtv-uncertainty -i "${MODELS[@]}" -o "$WORK/fused" -np 2
 
 step "6/6 gtv-evaluate against the test labels"
-gtv-evaluate -p "$WORK/fused" -r "$RAW/labelsTs"
+gtv-evaluate -p "$WORK/fused" -r "$RAW/labelsTs" --images "$RAW/imagesTs"
 
 step "done. Results:"
 echo "  trained models:        $nnUNet_results/Dataset${DATASET_ID}_SyntheticGTV/"
