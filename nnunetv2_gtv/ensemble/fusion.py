@@ -2,7 +2,8 @@
 
 Memory stays flat in N: each model's npz member is streamed once, channel by channel, into a running
 (weighted) sum of probabilities, a running per-voxel argmax for that model, and per-label vote counts.
-No two models' maps are ever held at the same time.
+No two models' maps are ever held at the same time. ``fuse_probability_maps`` does the same for maps that
+are already in memory (``gtv-predict``), one model at a time.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -116,7 +117,7 @@ def _chunks(num_voxels: int):
         yield slice(start, min(start + CHUNK_VOXELS, num_voxels))
 
 
-def _check_values(values: np.ndarray, tolerance: float, npz: Path) -> None:
+def _check_values(values: np.ndarray, tolerance: float, npz: Path | str) -> None:
     low, high = values.min(), values.max()
     if low >= -tolerance and high <= 1 + tolerance:
         return
@@ -188,6 +189,21 @@ def _check_models(present: list[tuple[int, Path]], dataset: DatasetInfo) -> tupl
     return reference[1], reference[2]
 
 
+class ArrayStream:
+    """An in-memory (C, z, y, x) probability map read like ``ProbabilityStream``: flat C-order chunks."""
+
+    def __init__(self, array: np.ndarray, name: str):
+        self.path = name  # named in error messages
+        self.shape = tuple(int(n) for n in array.shape)
+        self._flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        self._position = 0
+
+    def read(self, count: int) -> np.ndarray:
+        values = self._flat[self._position:self._position + count]
+        self._position += count
+        return values
+
+
 class _Accumulator:
     """Running weighted sum of probabilities and per-label vote counts, flat over voxels."""
 
@@ -203,29 +219,33 @@ class _Accumulator:
         self._label = np.empty(num_voxels, dtype=np.uint8 if num_labels <= 256 else np.uint16)
 
     def add(self, npz: Path, weight: float, tolerance: float) -> int:
-        """Stream one model in; return its number of foreground voxels (argmax of its own probabilities)."""
+        """Stream one model's npz in; return its number of foreground voxels (argmax of its own probabilities)."""
+        with open_probabilities(npz) as stream:
+            return self.add_stream(stream, weight, tolerance)
+
+    def add_stream(self, stream, weight: float, tolerance: float) -> int:
+        """Add one model read from ``stream`` (``ProbabilityStream`` or ``ArrayStream``); see ``add``."""
         self.total_weight += weight
         self.num_models += 1
-        with open_probabilities(npz) as stream:
-            for channel in range(self.num_labels):
-                for part in _chunks(self.num_voxels):
-                    values = stream.read(part.stop - part.start)
-                    _check_values(values, tolerance, npz)
-                    if channel == 0:
-                        self._running_max[part] = values
-                        self._label[part] = 0
-                    else:
-                        _update_argmax(self._running_max[part], self._label[part], values, channel)
-                    self.sum[channel, part] += values if weight == 1.0 else weight * values
-                    if channel == self.num_labels - 1:
-                        self._check_sums(part, weight, tolerance, npz)
+        for channel in range(self.num_labels):
+            for part in _chunks(self.num_voxels):
+                values = stream.read(part.stop - part.start)
+                _check_values(values, tolerance, stream.path)
+                if channel == 0:
+                    self._running_max[part] = values
+                    self._label[part] = 0
+                else:
+                    _update_argmax(self._running_max[part], self._label[part], values, channel)
+                self.sum[channel, part] += values if weight == 1.0 else weight * values
+                if channel == self.num_labels - 1:
+                    self._check_sums(part, weight, tolerance, stream.path)
         for part in _chunks(self.num_voxels):
             label = self._label[part]
             for channel in range(1, self.num_labels):
                 self.votes[channel - 1, part] += label == channel
         return int(np.count_nonzero(self._label))
 
-    def _check_sums(self, part: slice, weight: float, tolerance: float, npz: Path) -> None:
+    def _check_sums(self, part: slice, weight: float, tolerance: float, npz: Path | str) -> None:
         # every earlier model already summed to 1, so a deviation of the running total is this model's
         deviation = float(np.abs(self.sum[:, part].sum(axis=0) - self.total_weight).max()) / weight
         if deviation > tolerance:
@@ -234,6 +254,9 @@ class _Accumulator:
 
     def release_model_buffers(self) -> None:
         self._running_max = self._label = None
+
+    def release_sums(self) -> None:
+        self.sum = self.votes = None
 
     def fused_labels(self) -> np.ndarray:
         """Argmax of the summed (= of the mean) probabilities."""
@@ -329,8 +352,51 @@ def _fuse_case(case: str, npz_files: list[Path | None], output_folder: Path, dat
     volumes: list[float | None] = [None] * len(npz_files)
     for i, npz in present:
         volumes[i] = accumulator.add(npz, weights[i], settings.sum_tolerance) * voxel_ml
-    accumulator.release_model_buffers()
+    return _write_fused(case, accumulator, volumes, properties, shape, output_folder, dataset, settings)
 
+
+def fuse_probability_maps(case: str, maps: Iterable[np.ndarray], model_names: Sequence[str], properties: dict,
+                          output_folder: str | os.PathLike, dataset: DatasetInfo,
+                          settings: FusionSettings = FusionSettings()) -> CaseResult:
+    """``fuse_case`` for probability maps held in memory, one per name in ``model_names``.
+
+    Each map is (C, z, y, x) float on the original image grid described by ``properties`` (nnU-Net's, as for
+    ``fuse_case``); ``maps`` may be a generator, so that only one model's map exists at a time.
+    """
+    try:
+        return _fuse_maps(case, maps, list(model_names), properties, Path(output_folder), dataset, settings)
+    except FusionInputError as err:
+        raise FusionInputError(f"case {case}: {err}") from err
+
+
+def _fuse_maps(case: str, maps: Iterable[np.ndarray], names: list[str], properties: dict, output_folder: Path,
+               dataset: DatasetInfo, settings: FusionSettings) -> CaseResult:
+    if not names:
+        raise FusionInputError("no models given")
+    weights = settings.model_weights(len(names))
+    image_shape = tuple(int(properties["shape_before_cropping"][i]) for i in dataset.transpose_backward)
+    shape = (dataset.num_labels, *image_shape)
+    if len(names) < 2:
+        warnings.warn(f"case {case}: only one model; uncertainty needs N >= 2, so the vote entropy is all zeros "
+                      "and VVC is undefined (written as empty)", SingleModelWarning, stacklevel=3)
+    voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
+    accumulator = _Accumulator(shape[0], int(np.prod(image_shape)), len(names))
+    volumes: list[float | None] = []
+    for name, array in zip(names, maps, strict=True):
+        if tuple(array.shape) != shape:
+            raise FusionInputError(f"{name}: probabilities of shape {tuple(array.shape)}, expected {shape}")
+        volumes.append(accumulator.add_stream(ArrayStream(array, name), weights[len(volumes)],
+                                              settings.sum_tolerance) * voxel_ml)
+        del array  # the generator may now make the next map without this one alive
+    return _write_fused(case, accumulator, volumes, properties, shape, output_folder, dataset, settings)
+
+
+def _write_fused(case: str, accumulator: _Accumulator, volumes: list[float | None], properties: dict,
+                 shape: tuple[int, ...], output_folder: Path, dataset: DatasetInfo,
+                 settings: FusionSettings) -> CaseResult:
+    """Fused segmentation, uncertainty map(s) and the case's numbers, from the models added to ``accumulator``."""
+    accumulator.release_model_buffers()
+    voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
     segmentation = accumulator.fused_labels().reshape(shape[1:])
     seg_file, entropy_file, *probability_file = output_files(case, output_folder, dataset.file_ending, settings)
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -344,7 +410,7 @@ def _fuse_case(case: str, npz_files: list[Path | None], output_folder: Path, dat
         entropy = accumulator.mean_probability_entropy()
     else:
         entropy = accumulator.vote_entropy()
-    del accumulator
+    accumulator.release_sums()
     write(entropy, entropy_file)
     del entropy
 
@@ -355,12 +421,12 @@ def _fuse_case(case: str, npz_files: list[Path | None], output_folder: Path, dat
     vvc = volume_variation_coefficient(model_volumes)
     return CaseResult(
         case=case,
-        n_models=len(present),
+        n_models=len(model_volumes),
         model_volumes_ml=tuple(volumes),
         fused_volume_ml=int(np.count_nonzero(segmentation)) * voxel_ml,
         vvc=vvc,
         components_removed=removed,
         review=bool(vvc > settings.vvc_threshold or not any(model_volumes)),
-        missing_models=tuple(i + 1 for i, f in enumerate(npz_files) if f is None),
+        missing_models=tuple(i + 1 for i, v in enumerate(volumes) if v is None),
         outputs=(seg_file, entropy_file, *probability_file),
     )

@@ -13,9 +13,10 @@ import math
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from nnunetv2_gtv.ensemble.fusion import CaseResult
+from nnunetv2_gtv.ensemble.errors import FusionInputError
+from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, output_files
 from nnunetv2_gtv.ensemble.writing import write_text
 
 RECORD_FOLDER = "per_case"
@@ -85,6 +86,22 @@ def load_row(output_folder: str | os.PathLike, case: str, fingerprint: dict) -> 
     except (OSError, json.JSONDecodeError):
         return None
     return record.get("row") if record.get("fingerprint") == fingerprint else None
+
+
+def fuse_and_record(case: str, fuse: Callable[[], CaseResult], output_folder: str | os.PathLike, file_ending: str,
+                    settings: FusionSettings, fingerprint: dict) -> tuple[dict | None, str | None]:
+    """Run ``fuse`` (which writes ``case``'s images) and mark the case finished: (summary row, None), or on a
+    fusion or file error (None, message) with the case's images removed, since OUT keeps images only of the
+    cases its summary lists."""
+    record_path(output_folder, case).unlink(missing_ok=True)  # the case is redone: its old row is void
+    try:
+        row = case_row(fuse())
+        write_record(output_folder, row, fingerprint)
+    except (FusionInputError, OSError) as err:
+        for path in output_files(case, Path(output_folder), file_ending, settings):
+            path.unlink(missing_ok=True)
+        return None, str(err)
+    return row, None
 
 
 def write_summaries(output_folder: str | os.PathLike, rows: Sequence[dict], num_models: int,

@@ -1,0 +1,121 @@
+"""Options and run bookkeeping shared by gtv-uncertainty and gtv-predict: same option names, same meaning,
+same summary files and exit codes."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_gtv.ensemble.fusion import FusionSettings
+from nnunetv2_gtv.ensemble.summary import package_versions, write_summaries
+from nnunetv2_gtv.ensemble.writing import check_writable
+
+
+def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options that shape the fused outputs."""
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W",
+                        help="one positive weight per model for the mean probability (default: equal); vote "
+                             "entropy and VVC count every model once")
+    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=FusionSettings.connectivity,
+                        help="neighbourhood of the connected-component rule (default %(default)s, as the authors)")
+    rule = parser.add_mutually_exclusive_group()
+    rule.add_argument("--keep-all-components", action="store_true",
+                      help="turn the largest-connected-component rule off")
+    rule.add_argument("--min-component-ml", type=float, metavar="ML",
+                      help="keep every foreground component larger than ML millilitres instead of the largest one")
+    parser.add_argument("--entropy", choices=("votes", "mean-probability"), default="votes",
+                        help="votes: entropy of the models' label-vote frequencies (paper eq. 6, default); "
+                             "mean-probability: entropy of the mean probability map")
+    parser.add_argument("--save-probability", action="store_true",
+                        help="also write <case>_probability: the mean foreground probability (float32)")
+    parser.add_argument("--vvc-threshold", type=float, default=FusionSettings.vvc_threshold, metavar="VVC",
+                        help="review=true when VVC exceeds this (default %(default)s; the paper's Fig. 12 spans "
+                             "0.06-0.16) or when every model found nothing")
+
+
+def fusion_settings_from_args(args: argparse.Namespace) -> FusionSettings:
+    if args.keep_all_components:
+        components = "all"
+    elif args.min_component_ml is not None:
+        components = "min_volume"
+    else:
+        components = "largest"
+    return FusionSettings(
+        weights=tuple(args.weights) if args.weights else None,
+        connectivity=args.connectivity,
+        components=components,
+        min_component_ml=args.min_component_ml or 0.0,
+        entropy=args.entropy.replace("-", "_"),
+        save_probability=args.save_probability,
+        vvc_threshold=args.vvc_threshold,
+    )
+
+
+def fusion_settings_record(settings: FusionSettings) -> dict:
+    """JSON-ready, for summary headers and --continue fingerprints."""
+    return {
+        "connectivity": settings.connectivity,
+        "components": settings.components,
+        "min_component_ml": settings.min_component_ml,
+        "entropy": settings.entropy,
+        "entropy_log": "natural",
+        "save_probability": settings.save_probability,
+        "vvc_threshold": settings.vvc_threshold,
+        "vvc_std": "population (ddof=0); VVC empty/null when fewer than 2 models or all model volumes are 0",
+        "sum_tolerance": settings.sum_tolerance,
+    }
+
+
+def add_resume_and_part_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
+    """``--continue``, ``-num_parts``, ``-part_id`` as nnUNetv2_predict has them; ``what``: what a run matches."""
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help=f"skip cases already finished in OUT with the same {what}")
+    parser.add_argument("-num_parts", type=int, default=1,
+                        help="split the cases into this many parts (like nnUNetv2_predict)")
+    parser.add_argument("-part_id", type=int, default=0, help="which part this run does, 0..num_parts-1")
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, min_processes: int) -> None:
+    """Exit through ``parser.error`` on a part outside 0..num_parts-1 or too few processes (``-np``)."""
+    if not 0 <= args.part_id < args.num_parts:
+        parser.error(f"-part_id must be in 0..{args.num_parts - 1} (got {args.part_id}); we count from 0")
+    if args.np < min_processes:
+        parser.error(f"-np must be at least {min_processes}")
+
+
+def fail(prog: str, message: str) -> int:
+    """Print ``message`` as the command's error; returns exit code 2 (unusable inputs or output folder)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def open_output_folder(prog: str, folder: str, num_models: int) -> Path | None:
+    """``folder`` created if needed and checked writable, or None after saying why; warns when a single model
+    cannot give any uncertainty."""
+    try:
+        output_folder = check_writable(folder)
+    except OSError as err:
+        fail(prog, f"output folder {folder} is not writable ({err})")
+        return None
+    if num_models == 1:
+        print(f"{prog}: warning: only one model given; uncertainty needs N >= 2: the entropy maps are all zeros "
+              "and VVC is left empty", file=sys.stderr)
+    return output_folder
+
+
+def finish_run(prog: str, argv: Sequence[str] | None, output_folder: Path, rows: Sequence[dict], num_models: int,
+               fingerprint: dict, num_done: int, failures: Sequence[str]) -> int:
+    """Write summary.json / summary.csv, say where everything went, list failures; returns the exit code."""
+    header = {"command": shlex.join([prog, *(sys.argv[1:] if argv is None else argv)]),
+              "versions": package_versions(), **fingerprint}
+    json_file, csv_file = write_summaries(output_folder, list(rows), num_models, header)
+    print(f"{prog}: wrote {num_done} cases' segmentations and uncertainty maps to {output_folder}; "
+          f"summary: {json_file.name}, {csv_file.name} ({len(rows)} cases)")
+    if failures:
+        print(f"{prog}: error: {len(failures)} case(s) failed:", file=sys.stderr)
+        for message in failures:
+            print(f"  {message}", file=sys.stderr)
+        return 1
+    return 0
