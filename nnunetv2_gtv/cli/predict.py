@@ -1,0 +1,193 @@
+"""gtv-predict: segment CTs with the multi-scale ensemble and its uncertainty in one command.
+
+Each CT is read and preprocessed once; every model of the ensemble (default: the paper's six, Local, Middle
+and Global x folds 0 and 1) runs on the same tensor; the probabilities are averaged in memory and fused by
+gtv-uncertainty's code. Per case, on the input's own grid and in its format: <case> (fused segmentation,
+largest component), <case>_entropy (vote entropy), optionally <case>_probability; summary.json / summary.csv
+hold each model's volume and the VVC.
+
+Exit codes: 0 all cases done; 1 some cases failed (listed); 2 unusable models, inputs or output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# before torch starts OpenMP: idle threads sleep instead of spinning. On a CPU shared with other jobs spinning
+# threads made inference 3-6x slower (README, gtv-predict); an explicit OMP_WAIT_POLICY is kept
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
+    fail, finish_run, fusion_settings_from_args, fusion_settings_record, open_output_folder
+from nnunetv2_gtv.ensemble.errors import FusionInputError
+from nnunetv2_gtv.ensemble.folders import label_values
+from nnunetv2_gtv.inference.export import model_predictions_folder
+from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases
+from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
+    load_model, resolve_models
+from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
+from nnunetv2_gtv.inference.predictor import EnsemblePredictor
+from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, parse_tile, use_cpu_bfloat16
+
+PROG = "gtv-predict"
+DEFAULTS = InferenceSettings()
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("-d", required=True, metavar="DATASET", help="dataset name or id the models were trained on")
+    group.add_argument("-m", nargs="+", metavar="MODEL",
+                       help="models as SCALE:FOLD (Local:0 Middle:1 ...) or TRAINER:FOLD; default: the paper's six, "
+                            "Local:0 Local:1 Middle:0 Middle:1 Global:0 Global:1")
+    group.add_argument("-tr_suffix", default="", metavar="SUFFIX",
+                       help="appended to the trainer of SCALE:FOLD models (e.g. _smoke: "
+                            "nnUNetTrainerGTV25DLocal_smoke)")
+    group.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier (default: nnUNetPlans)")
+    group.add_argument("-c", default="3d_fullres", metavar="CONFIGURATION", help="configuration (default: 3d_fullres)")
+    group.add_argument("-chk", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT",
+                       help=f"checkpoint file name (default: {DEFAULT_CHECKPOINT})")
+    group.add_argument("-device", choices=("cpu", "cuda", "mps"),
+                       default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="device (default: cuda when available, else cpu)")
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inference (defaults chosen by benchmarks/inference_settings.py, see README)")
+    group.add_argument("--tile", type=parse_tile, default=DEFAULTS.tile, metavar="TILE",
+                       help="patch (the training patch, nnU-Net's sliding window), slab (the patch's slices, whole "
+                            "in-plane extent), whole (one pass over the image) or ZxYxX; the network's PE blocks "
+                            f"pool over the whole tile, so it can change the result (default: {DEFAULTS.tile})")
+    group.add_argument("-step_size", type=float, default=DEFAULTS.step_size,
+                       help=f"sliding-window step as a fraction of the tile, 1 = no overlap (default: "
+                            f"{DEFAULTS.step_size}; nnU-Net's is 0.5)")
+    tta = group.add_mutually_exclusive_group()
+    tta.add_argument("--disable_tta", dest="mirroring", action="store_false", default=DEFAULTS.mirroring,
+                     help="no test-time mirroring" + (" (the default)" if not DEFAULTS.mirroring else ""))
+    tta.add_argument("--enable_tta", dest="mirroring", action="store_true",
+                     help="test-time mirroring as nnU-Net does it (up to 8 passes)" +
+                          (" (the default)" if DEFAULTS.mirroring else ""))
+    group.add_argument("-precision", choices=PRECISIONS, default="auto",
+                       help="CPU arithmetic of the networks: auto = bfloat16 on CPUs that compute it natively "
+                            "(AVX512-BF16, AMX; about 1.5x faster, fused segmentation within 0.1 %% Dice of "
+                            "float32, see README), float32 elsewhere (default: auto). On CUDA nnU-Net autocasts "
+                            "to float16 whatever this says")
+    group.add_argument("-tiles_per_batch", type=int, metavar="N",
+                       help="sliding-window tiles per network call (default: 2 on the CPU, 8 on CUDA); changes speed "
+                            "and memory, not the result")
+    group.add_argument("--no-region-restriction", dest="restrict", action="store_false",
+                       default=DEFAULTS.restrict_to_region,
+                       help="run Local and Middle models on the whole image instead of only inside their sampling "
+                            "region (head, head and neck; outside it they predict background)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", required=True, metavar="CT",
+                        help="a CT file or a folder of them (.nii.gz, .nii, .nrrd, .mha; <case>_0000 or <case>)")
+    parser.add_argument("-o", required=True, metavar="OUT", help="output folder")
+    _add_model_arguments(parser)
+    _add_inference_arguments(parser)
+    add_fusion_arguments(parser.add_argument_group("fusion (as gtv-uncertainty)"))
+    run = parser.add_argument_group("run")
+    run.add_argument("-np", type=int, default=2,
+                     help="export processes working beside prediction when there are several cases; 0 = export in "
+                          "this process (default: %(default)s)")
+    add_resume_and_part_arguments(run, "models and settings")
+    run.add_argument("--save-model-predictions", action="store_true",
+                     help="also write each model's own prediction (segmentation, .npz probabilities, .pkl) to "
+                          "OUT/model_predictions/<trainer>__fold_<f>, as nnUNetv2_predict --save_probabilities does")
+    run.add_argument("--disable_progress_bar", action="store_true")
+    return parser
+
+
+def _dataset_name(results: Path, dataset: str) -> str:
+    """``-d 989`` -> the ``Dataset989_*`` folder in nnUNet_results; a name is taken as it is."""
+    if not dataset.isdigit():
+        return dataset
+    found = sorted(p.name for p in results.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
+    if len(found) != 1:
+        raise ModelError(f"dataset {dataset}: {'no' if not found else 'more than one'} Dataset{int(dataset):03d}_* "
+                         f"folder in nnUNet_results ({results}){': ' + ', '.join(found) if found else ''}")
+    return found[0]
+
+
+def _set_threads(device: torch.device) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict does
+    else:
+        torch.set_num_threads(1)
+
+
+def _model_record(model: LoadedModel) -> dict:
+    stat = model.spec.checkpoint.stat()
+    return {"label": model.label, "trainer": model.spec.trainer, "fold": model.spec.fold,
+            "checkpoint": str(model.spec.checkpoint.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sampling_region": model.sampling_region}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_run_arguments(parser, args, min_processes=0)
+    if args.tiles_per_batch is not None and args.tiles_per_batch < 1:
+        parser.error("-tiles_per_batch must be at least 1")
+    try:
+        settings = InferenceSettings(args.tile, args.step_size, args.mirroring, args.restrict,
+                                     use_cpu_bfloat16(args.precision, args.device))
+        fusion = fusion_settings_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        return fail(PROG, "nnUNet_results is not set: it must point to the folder with the trained models")
+
+    try:
+        cases = find_cases(args.i)
+        check_inputs(cases[args.part_id::args.num_parts])
+        output_folder = Path(args.o)
+        inputs = {c.path.resolve().parent for c in cases}
+        if output_folder.resolve() in inputs:
+            raise InputError(f"{args.o}: the output folder must not be the input folder (outputs could overwrite "
+                             "the CTs)")
+        specs = resolve_models(results, _dataset_name(Path(results), args.d), args.m, args.p, args.c,
+                               args.tr_suffix, args.chk)
+        fusion.model_weights(len(specs))
+        device = torch.device(args.device)
+        _set_threads(device)
+        models = [load_model(spec, device, settings.step_size, settings.mirroring, args.tiles_per_batch)
+                  for spec in specs]
+        check_shared_preprocessing(models)
+        ensemble = EnsemblePredictor(models, settings)
+        label_values(ensemble.dataset_json, str(specs[0].folder / "dataset.json"))
+    except (InputError, ModelError, FusionInputError, ValueError) as err:
+        return fail(PROG, str(err))
+    output_folder = open_output_folder(PROG, args.o, len(models))
+    if output_folder is None:
+        return 2
+
+    model_folders = None
+    if args.save_model_predictions:
+        model_folders = tuple(model_predictions_folder(output_folder, s.trainer, s.fold).resolve() for s in specs)
+    fingerprint = {"inputs": [str(f) for f in model_folders or ()],
+                   "models": [_model_record(m) for m in models],
+                   "inference": settings.record(),
+                   "weights": list(fusion.model_weights(len(models))),
+                   "settings": fusion_settings_record(fusion)}
+    options = RunOptions(args.np, args.resume, args.num_parts, args.part_id, model_folders,
+                         not args.disable_progress_bar)
+    report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
+    if model_folders:
+        print(f"{PROG}: each model's own predictions: {model_folders[0].parent}")
+    return finish_run(PROG, argv, output_folder, report.rows.values(), len(models), fingerprint, len(report.done),
+                      report.failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""From each model's logits on the preprocessed grid to the fused outputs on the CT's own grid.
+
+Every model's logits go through nnU-Net's own export (``convert_predicted_logits_to_segmentation_with_correct_shape``:
+resampling, softmax, un-cropping, transpose), exactly as ``nnUNetv2_predict --save_probabilities`` computes its
+npz, and straight into gtv-uncertainty's fusion: one model's probability map exists at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from nnunetv2_gtv.ensemble.errors import SingleModelWarning
+from nnunetv2_gtv.ensemble.folders import DatasetInfo
+from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, fuse_probability_maps
+from nnunetv2_gtv.ensemble.summary import fuse_and_record
+from nnunetv2_gtv.ensemble.writing import write_image, write_text
+
+MODEL_PREDICTIONS_FOLDER = "model_predictions"
+
+
+@dataclass
+class ExportJob:
+    """Everything a (spawned) export worker needs for one case. ``logits`` is consumed: emptied as it goes."""
+
+    case: str
+    logits: Iterable[np.ndarray]  # one (C, z, y, x) array per model, preprocessed grid: a list (emptied as it
+    # goes) or a stream that yields each model's logits when it is predicted
+    model_labels: list[str]
+    model_folders: list[Path | None]  # where to save each model's own prediction too (None: nowhere)
+    properties: dict  # nnU-Net's, of the image the models saw
+    output_properties: dict  # of the input image (the same unless ``permutation``)
+    permutation: tuple[int, int, int] | None  # axis order the models saw, undone before fusion
+    plans: dict
+    configuration: dict  # the configuration's entries in the plans (inheritance resolved)
+    dataset_json: dict
+    output_folder: Path
+    dataset: DatasetInfo
+    fusion: FusionSettings
+    fingerprint: dict
+
+
+def model_predictions_folder(output_folder: str | os.PathLike, trainer: str, fold: int | str) -> Path:
+    return Path(output_folder) / MODEL_PREDICTIONS_FOLDER / f"{trainer}__fold_{fold}"
+
+
+def prepare_model_predictions_folder(folder: Path, plans: dict, dataset_json: dict) -> None:
+    """A folder laid out like an nnUNetv2_predict --save_probabilities output (gtv-uncertainty reads it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (("plans.json", plans), ("dataset.json", dataset_json)):
+        write_text(json.dumps(content, indent=2), folder / name)
+
+
+def _save_model_prediction(folder: Path, case: str, segmentation: np.ndarray, probabilities: np.ndarray,
+                           properties: dict, dataset: DatasetInfo) -> None:
+    """What nnUNetv2_predict --save_probabilities writes: ``<case>.npz``, ``<case>.pkl``, the segmentation."""
+    write_image(segmentation, folder / f"{case}{dataset.file_ending}", dataset.file_ending, properties,
+                dataset.reader_writer)
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    for name, write in ((f"{case}.npz", lambda f: np.savez_compressed(f, probabilities=probabilities)),
+                        (f"{case}.pkl", lambda f: pickle.dump(properties, f))):
+        target = folder / name
+        tmp = folder / f".{name}.{token}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _each_once(logits: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each model's logits, not kept here afterwards (a list is emptied as it goes)."""
+    if isinstance(logits, list):
+        while logits:
+            yield logits.pop(0)
+    else:
+        yield from logits
+
+
+def _probability_maps(job: ExportJob):
+    """Yield each model's probabilities on the CT's grid, releasing its logits first."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+    plans_manager = PlansManager(job.plans)
+    configuration_manager = ConfigurationManager(job.configuration)
+    label_manager = plans_manager.get_label_manager(job.dataset_json)
+    for folder, logits in zip(job.model_folders, _each_once(job.logits)):
+        segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, plans_manager, configuration_manager, label_manager, job.properties,
+            return_probabilities=True, num_threads_torch=torch.get_num_threads())
+        del logits
+        if job.permutation is not None:
+            inverse = [int(a) for a in np.argsort(job.permutation)]
+            segmentation = np.ascontiguousarray(segmentation.transpose(inverse))
+            probabilities = np.ascontiguousarray(probabilities.transpose(0, *(1 + a for a in inverse)))
+        if folder is not None:
+            _save_model_prediction(folder, job.case, segmentation, probabilities, job.output_properties,
+                                   job.dataset)
+        del segmentation
+        yield probabilities
+
+
+def export_case(job: ExportJob) -> tuple[str, dict | None, str | None, float]:
+    """Fuse and write one case and its record; returns (case, summary row, error message, seconds)."""
+    start = time.perf_counter()
+
+    def fuse() -> CaseResult:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SingleModelWarning)  # gtv-predict says so once, not per case
+            return fuse_probability_maps(job.case, _probability_maps(job), job.model_labels,
+                                         job.output_properties, job.output_folder, job.dataset, job.fusion)
+
+    row, error = fuse_and_record(job.case, fuse, job.output_folder, job.dataset.file_ending, job.fusion,
+                                 job.fingerprint)
+    return job.case, row, error, time.perf_counter() - start

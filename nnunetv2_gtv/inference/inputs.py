@@ -1,0 +1,184 @@
+"""CT inputs of gtv-predict: one image file, or a folder of them, in NIfTI, NRRD or MHA, any orientation.
+
+A case is named after its file without the ending and without nnU-Net's channel suffix ``_0000``. Headers are
+checked before any work (3D, one component, more than one slice), intensities when a case is read.
+
+The models were trained on axial slices (array axis 0 runs superior-inferior, the 3 mm axis of the plans).
+A CT stored with another axis first (e.g. sagittal or coronal slices) is permuted so that the
+superior-inferior axis comes first before preprocessing, and its outputs are permuted back onto the input's
+own grid. Flips need nothing: nnU-Net mirrors in training and the sampling regions read the superior end from
+the direction.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_gtv.training.regions import superior_axis_from_direction
+
+FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+
+class InputError(ValueError):
+    """An input image cannot be segmented; the message names the file."""
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case: str
+    path: Path
+
+    @property
+    def file_ending(self) -> str:
+        return _ending(self.path.name)
+
+
+def _ending(name: str) -> str | None:
+    return next((e for e in FILE_ENDINGS if name.lower().endswith(e)), None)
+
+
+def _case_name(path: Path) -> str:
+    stem = path.name[:-len(_ending(path.name))]
+    match = CHANNEL_SUFFIX.search(stem)
+    return stem[:match.start()] if match and match.group(1) == "0000" else stem
+
+
+def find_cases(input_path: str | os.PathLike) -> list[InputCase]:
+    """The cases in a file or folder (not recursive), sorted by name."""
+    path = Path(input_path)
+    if path.is_file():
+        if _ending(path.name) is None:
+            raise InputError(f"{path}: not a supported image file (endings: {', '.join(FILE_ENDINGS)})")
+        return [InputCase(_case_name(path), path)]
+    if not path.is_dir():
+        raise InputError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _ending(p.name))
+    if not files:
+        raise InputError(f"{path}: no images found (endings: {', '.join(FILE_ENDINGS)})")
+    stems = {p.name[:-len(_ending(p.name))] for p in files}
+    extra_channels = sorted(s for s in stems if (m := CHANNEL_SUFFIX.search(s)) and m.group(1) != "0000"
+                            and s[:m.start()] + "_0000" in stems)
+    if extra_channels:
+        raise InputError(f"{path}: {', '.join(extra_channels)} look like extra input channels of a multi-channel "
+                         "case; these models take one channel, the CT (name it <case>_0000 or <case>)")
+    cases: dict[str, Path] = {}
+    for file in files:
+        case = _case_name(file)
+        if case in cases:
+            raise InputError(f"{path}: {cases[case].name} and {file.name} are both case '{case}'")
+        cases[case] = file
+    return [InputCase(case, cases[case]) for case in sorted(cases)]
+
+
+def _header(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        last_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise InputError(f"{path}: cannot read the image ({last_line})") from err
+    return reader
+
+
+def check_header(path: Path) -> None:
+    """Refuse files that are unreadable or not one 3D scalar volume, reading the header only."""
+    reader = _header(path)
+    size = reader.GetSize()
+    if reader.GetDimension() != 3:
+        raise InputError(f"{path}: a {reader.GetDimension()}D image of size {size}; a CT volume (3D) is needed")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{path}: {reader.GetNumberOfComponents()} components per voxel; a scalar CT is needed")
+    if min(size) < 2:
+        raise InputError(f"{path}: size {size} is a single slice (2D); a CT volume is needed")
+
+
+def check_inputs(cases: Sequence[InputCase]) -> None:
+    """Check every header first, so that a bad file stops the run before any work; lists every bad file."""
+    problems = []
+    for case in cases:
+        try:
+            check_header(case.path)
+        except InputError as err:
+            problems.append(str(err))
+    if problems:
+        raise InputError("\n".join(problems))
+
+
+def check_nifti_data(path: Path) -> None:
+    """Refuse a NIfTI whose voxel data ends early: SimpleITK fills the missing voxels with zeros, silently."""
+    reader = _header(path)
+    expected = int(float(reader.GetMetaData("vox_offset"))) + \
+        int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents() * int(reader.GetMetaData("bitpix")) // 8
+    if path.name.lower().endswith(".gz"):
+        actual = 0
+        try:
+            with gzip.open(path) as f:
+                while chunk := f.read(1 << 24):
+                    actual += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            raise InputError(f"{path}: cannot read the image (corrupt or truncated gzip data: {err})") from err
+    else:
+        actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"{path}: cannot read the image (truncated: {actual} of {expected} bytes)")
+
+
+def intensity_warning(image: np.ndarray, path: Path) -> str | None:
+    """A warning when the intensities do not look like Hounsfield units; None when they do."""
+    low, high = float(np.min(image)), float(np.max(image))
+    if low >= -1.0 and high <= 1.0:
+        return (f"{path}: intensities lie in [{low:.3g}, {high:.3g}], not Hounsfield units (air -1000, soft tissue "
+                "0-100, bone > 300); is the CT normalised? The models expect HU")
+    if low >= 0:
+        return (f"{path}: no intensity below 0 (range [{low:.4g}, {high:.4g}]); CT air is about -1000 HU. Are the "
+                "values raw scanner units without the rescale intercept, or is this not a CT?")
+    return None
+
+
+def axial_permutation(direction: Sequence[float]) -> tuple[int, int, int] | None:
+    """The array axis order (z, y, x indices) that puts the superior-inferior axis first, the other two
+    keeping their order; None when it already is first (an axial CT)."""
+    superior, _ = superior_axis_from_direction(direction)
+    if superior == 0:
+        return None
+    return (superior, *(a for a in range(3) if a != superior))
+
+
+def permute_case(image: np.ndarray, properties: dict, order: Sequence[int]) -> tuple[np.ndarray, dict]:
+    """``image`` (c, z, y, x) with its axes in ``order`` and nnU-Net's properties of that permuted image: the
+    same voxels in the same place in the world (SimpleITK's PermuteAxes)."""
+    stuff = properties["sitk_stuff"]
+    matrix = np.asarray(stuff["direction"], dtype=float).reshape(3, 3)
+    # array axis a is SimpleITK index 2 - a: the permuted index i takes old index 2 - order[2 - i]
+    index_order = [2 - order[2 - i] for i in range(3)]
+    permuted = {**properties,
+                "spacing": [properties["spacing"][a] for a in order],
+                "sitk_stuff": {**stuff, "spacing": tuple(stuff["spacing"][i] for i in index_order),
+                               "direction": tuple(matrix[:, index_order].reshape(-1))}}
+    return np.ascontiguousarray(image.transpose(0, *(1 + a for a in order))), permuted
+
+
+def read_case(case: InputCase, reader_writer_class: type) -> tuple[np.ndarray, dict]:
+    """Read with the models' reader/writer class: (1, z, y, x) float32 array and nnU-Net's properties."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    if case.file_ending in (".nii", ".nii.gz"):
+        check_nifti_data(case.path)
+    supported = getattr(reader_writer_class, "supported_file_endings", [])
+    if not issubclass(reader_writer_class, SimpleITKIO) and case.file_ending not in supported:
+        raise InputError(f"{case.path}: the models read images with {reader_writer_class.__name__}, which supports "
+                         f"{', '.join(supported)}")
+    try:
+        return reader_writer_class().read_images([str(case.path)])
+    except (RuntimeError, OSError, EOFError) as err:
+        raise InputError(f"{case.path}: cannot read the image ({err})") from err
