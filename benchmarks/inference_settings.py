@@ -1,0 +1,243 @@
+"""Dice and time per case of gtv-predict's inference settings, against nnU-Net's default inference.
+
+Trains the three sampling trainers (nnUNetTrainerGTV25DLocal / Middle / Global, fold ``all``) briefly, in this
+process on the CPU: the package's trainers with a short schedule set on the instance (epochs, iterations,
+batch, learning rate; see ``Schedule``), so the checkpoints name the real trainers and gtv-predict finds
+them. Datasets: a synthetic one (``nnunetv2_gtv.demo.synthetic``, labelled test cases) and, when present,
+``../shared/data/Dataset910_OpenKBPHN`` (real CT; PTV70 as label; the last cases held out).
+
+Then the 3-model ensemble segments the held-out cases under each setting of ``SETTINGS`` through gtv-predict's
+own pipeline (one preprocessing per case, in-memory fusion, largest component) and the table gives the fused
+Dice against the reference and the wall time per case (read, preprocess, 3 models, export; models loaded
+once). ``nnU-Net default`` is nnUNetv2_predict's inference: the training patch as tile, step 0.5, mirroring,
+no region restriction. The CPU may be shared: the load average is printed with each row.
+
+Run: ``python benchmarks/inference_settings.py [--work DIR] [--datasets synthetic real] [--iterations N]``;
+a rerun with the same --work reuses the datasets and trained models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCALES = ("Local", "Middle", "Global")
+SYNTHETIC_ID, REAL_ID = 981, 982
+REAL_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset910_OpenKBPHN"
+REAL_TEST_CASES = 2
+FOLD = "all"
+
+# name: (tile, step size, mirroring, restrict Local/Middle to their region, bfloat16 on the CPU); the first row
+# is nnUNetv2_predict's inference and the reference of the speed-up and agreement columns
+SETTINGS = {
+    "nnU-Net default (patch, step 0.5, mirroring, whole image)": ("patch", 0.5, True, False, False),
+    "patch, step 0.5, regions": ("patch", 0.5, False, True, False),
+    "patch, step 1, whole image": ("patch", 1.0, False, False, False),
+    "patch, step 1, regions": ("patch", 1.0, False, True, False),
+    "patch, step 1, regions, bfloat16 (gtv-predict default here)": ("patch", 1.0, False, True, True),
+    "patch, step 0.5, regions, bfloat16": ("patch", 0.5, False, True, True),
+    "slab, step 1, regions": ("slab", 1.0, False, True, False),
+    "whole, regions": ("whole", 1.0, False, True, False),
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A short training: ``epochs`` x ``iterations`` at ``batch``; Adam at ``lr`` (the paper's 1e-4 needs far
+    longer than a CPU benchmark can afford)."""
+
+    epochs: int = 4
+    iterations: int = 50
+    batch: int = 4
+    lr: float = 1e-3
+
+
+def configure_environment(work: Path) -> dict[str, Path]:
+    """nnU-Net folders under ``work``; must run before nnunetv2 is imported (it reads them at import)."""
+    if "nnunetv2.paths" in sys.modules:
+        raise RuntimeError("configure_environment must run before nnunetv2 is imported")
+    dirs = {name: work / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for name, path in dirs.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(path)
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    return dirs
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def synthetic_dataset(raw: Path, num_train: int, num_test: int, size: int, slices: int) -> str:
+    from nnunetv2_gtv.demo.synthetic import write_dataset
+
+    name = f"Dataset{SYNTHETIC_ID}_SyntheticGTV"
+    if not (raw / name / "dataset.json").is_file():
+        write_dataset(raw, SYNTHETIC_ID, num_train=num_train, num_test=num_test, in_plane_size=size,
+                      num_slices=slices, orientations="mixed", seed=3)
+    return name
+
+
+def real_dataset(raw: Path, source: Path = REAL_SOURCE, num_test: int = REAL_TEST_CASES) -> str:
+    """The real cases as a raw dataset whose last ``num_test`` cases are test cases (images and labels linked)."""
+    name = f"Dataset{REAL_ID}_OpenKBPHN"
+    target = raw / name
+    if (target / "dataset.json").is_file():
+        return name
+    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
+    for split, chosen in (("Tr", cases[:-num_test]), ("Ts", cases[-num_test:])):
+        (target / f"images{split}").mkdir(parents=True, exist_ok=True)
+        (target / f"labels{split}").mkdir(parents=True, exist_ok=True)
+        for case in chosen:
+            (target / f"images{split}" / f"{case}_0000.nii.gz").symlink_to(source / "imagesTr" / f"{case}_0000.nii.gz")
+            (target / f"labels{split}" / f"{case}.nii.gz").symlink_to(source / "labelsTr" / f"{case}.nii.gz")
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    dataset_json["numTraining"] = len(cases) - num_test
+    (target / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    return name
+
+
+def plan_and_preprocess(dataset_name: str, preprocessed: Path) -> None:
+    if (preprocessed / dataset_name / "nnUNetPlans_3d_fullres").is_dir():
+        return
+    subprocess.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", dataset_name[7:10], "-pl", "nnUNetPlannerGTV25D",
+                    "-c", "3d_fullres", "-np", "2"], check=True, stdout=subprocess.DEVNULL)
+
+
+def train(dataset_name: str, scale: str, schedule: Schedule, results: Path, fold: int | str = FOLD) -> Path:
+    """Train nnUNetTrainerGTV25D<scale> with ``schedule``; returns its checkpoint (reused when it exists)."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer_name = f"nnUNetTrainerGTV25D{scale}"
+    checkpoint = results / dataset_name / f"{trainer_name}__nnUNetPlans__3d_fullres" / f"fold_{fold}" / \
+        "checkpoint_final.pth"
+    if checkpoint.is_file():
+        return checkpoint
+    trainer = get_trainer_from_args(dataset_name, "3d_fullres", fold, trainer_name, device=torch.device("cpu"))
+    trainer.num_epochs = schedule.epochs
+    trainer.num_iterations_per_epoch = schedule.iterations
+    trainer.num_val_iterations_per_epoch = 2
+    trainer.initial_lr = schedule.lr
+    trainer.initialize()
+    trainer.batch_size = schedule.batch
+    trainer.run_training()
+    return checkpoint
+
+
+def _cases_and_labels(raw: Path, dataset_name: str) -> tuple[list, dict[str, Path]]:
+    from nnunetv2_gtv.inference import find_cases
+
+    cases = find_cases(raw / dataset_name / "imagesTs")
+    return cases, {c.case: raw / dataset_name / "labelsTs" / f"{c.case}.nii.gz" for c in cases}
+
+
+def _dice(prediction: Path, reference: Path) -> float:
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def evaluate(dataset_name: str, raw: Path, results: Path, work: Path, names: list[str]) -> list[dict]:
+    """Each setting's fused Dice per case and seconds per case, 3-model ensemble (fold ``all``)."""
+    import torch
+    from nnunetv2_gtv.ensemble.fusion import FusionSettings
+    from nnunetv2_gtv.inference import EnsemblePredictor, InferenceSettings, RunOptions, load_model, \
+        predict_cases, resolve_models
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cases, labels = _cases_and_labels(raw, dataset_name)
+    specs = resolve_models(results, dataset_name, [f"{s}:{FOLD}" for s in SCALES])
+    rows = []
+    for name in names:
+        tile, step, mirroring, restrict, bfloat16 = SETTINGS[name]
+        settings = InferenceSettings(tile, step, mirroring, restrict, bfloat16)
+        models = [load_model(spec, torch.device("cpu"), step, mirroring) for spec in specs]
+        output = work / "predictions" / dataset_name / name.replace(", ", "_").replace(" ", "-")
+        shutil.rmtree(output, ignore_errors=True)
+        output.mkdir(parents=True)
+        load_before = os.getloadavg()[0]
+        report = predict_cases(EnsemblePredictor(models, settings), cases, output, FusionSettings(), {},
+                               RunOptions(num_processes=0, progress=False), log=lambda m: None)
+        if report.failures:
+            raise RuntimeError(f"{name}: {report.failures}")
+        dice = {c.case: _dice(output / f"{c.case}{c.file_ending}", labels[c.case]) for c in cases}
+        first = Path(rows[0]["output"]) if rows else output
+        agreement = {c.case: _dice(output / f"{c.case}{c.file_ending}", first / f"{c.case}{c.file_ending}")
+                     for c in cases}
+        rows.append({"dataset": dataset_name, "setting": name, "output": str(output), "agreement": agreement,
+                     "tile": tile, "step": step, "mirroring": mirroring,
+                     "regions": restrict, "bfloat16": bfloat16, "dice": dice,
+                     "seconds": {case: timing.total for case, timing in report.timings.items()},
+                     "load": [load_before, os.getloadavg()[0]]})
+        print(_row(rows[-1], rows[0]), flush=True)
+    return rows
+
+
+def _row(row: dict, reference: dict) -> str:
+    dice = list(row["dice"].values())
+    seconds = float(np.mean(list(row["seconds"].values())))
+    reference_seconds = float(np.mean(list(reference["seconds"].values())))
+    return (f"| {row['setting']} | {np.mean(dice):.3f} ± {np.std(dice):.3f} | "
+            f"{np.mean(list(row['agreement'].values())):.3f} | {seconds:.1f} | {reference_seconds / seconds:.1f}x | "
+            f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |")
+
+
+TABLE_HEADER = ("| setting | fused Dice vs reference (mean ± sd) | Dice vs first row's output | s per case | "
+                "speed-up vs first row | load avg |\n|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder, kept)")
+    parser.add_argument("--datasets", nargs="+", choices=("synthetic", "real"),
+                        default=["synthetic", "real"] if (REAL_SOURCE / "dataset.json").is_file() else ["synthetic"])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        metavar="SETTING", help=f"subset of: {'; '.join(SETTINGS)} (the first row is the reference "
+                                                "of the speed-up column)")
+    parser.add_argument("--train-cases", type=int, default=10)
+    parser.add_argument("--test-cases", type=int, default=4)
+    parser.add_argument("--size", type=int, default=96, help="synthetic in-plane size (voxels)")
+    parser.add_argument("--slices", type=int, default=40, help="synthetic number of slices")
+    parser.add_argument("--epochs", type=int, default=Schedule.epochs)
+    parser.add_argument("--iterations", type=int, default=Schedule.iterations, help="per epoch")
+    parser.add_argument("--batch", type=int, default=Schedule.batch)
+    parser.add_argument("--lr", type=float, default=Schedule.lr)
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gtv-inference-settings-"))
+    dirs = configure_environment(work.resolve())
+    schedule = Schedule(args.epochs, args.iterations, args.batch, args.lr)
+    print(f"work folder: {work}; training schedule per trainer: {schedule}; load average {os.getloadavg()}")
+    all_rows = []
+    for kind in args.datasets:
+        if kind == "synthetic":
+            dataset = synthetic_dataset(dirs["nnUNet_raw"], args.train_cases, args.test_cases, args.size, args.slices)
+        else:
+            dataset = real_dataset(dirs["nnUNet_raw"])
+        plan_and_preprocess(dataset, dirs["nnUNet_preprocessed"])
+        for scale in SCALES:
+            start = time.perf_counter()
+            train(dataset, scale, schedule, dirs["nnUNet_results"])
+            print(f"{dataset}: {scale} trained/found in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"\n{dataset}, 3-model ensemble (Local, Middle, Global; fold {FOLD})\n{TABLE_HEADER}", flush=True)
+        all_rows += evaluate(dataset, dirs["nnUNet_raw"], dirs["nnUNet_results"], work, args.settings)
+    (work / "inference_settings.json").write_text(json.dumps(all_rows, indent=1))
+    print(f"\nper-case numbers: {work / 'inference_settings.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
