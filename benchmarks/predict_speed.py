@@ -1,7 +1,8 @@
 """Time and peak memory of gtv-predict against the two-step path (nnUNetv2_predict per model + gtv-uncertainty).
 
 One synthetic CT (``--size`` x ``--size`` in-plane at 0.977 mm, ``--slices`` slices at 3 mm; clinical: 512 and
-about 130), one machine, one run, each contender in its own processes:
+about 130; a patient ``--body-mm`` wide at the shoulders in air), one machine, one run, each contender in its
+own processes:
 
 1. gtv-predict with its defaults, the paper's six models (``-precision auto``: bfloat16 on a CPU with native
    bfloat16, else float32);
@@ -106,13 +107,21 @@ def measure(command: list[str], env: dict) -> Measured:
     return Measured(seconds, peak[0], stdout)
 
 
-def write_ct(folder: Path, size: int, slices: int, seed: int = 0) -> Path:
+def write_ct(folder: Path, size: int, slices: int, body_mm: float, seed: int = 0) -> Path:
+    """A synthetic CT of ``size`` x ``size`` x ``slices`` voxels at 0.977 x 0.977 x 3 mm. The generator's phantom
+    fills its field of view; ``body_mm`` > 0 renders it that wide (shoulders) and surrounds it with air, as a
+    patient lies in a clinical 500 mm field of view."""
     import SimpleITK as sitk
-    from nnunetv2_gtv.demo.synthetic import CaseGeometry, render_case
+    from nnunetv2_gtv.demo.synthetic import AIR_HU, CaseGeometry, render_case
 
-    geometry = CaseGeometry((slices, size, size), (0.977, 0.977, 3.0))
-    image, _ = render_case(geometry, np.random.default_rng(seed))
-    itk = sitk.GetImageFromArray(image)
+    spacing = (0.977, 0.977, 3.0)
+    body = min(size, int(round(body_mm / spacing[0]))) if body_mm > 0 else size
+    image, _ = render_case(CaseGeometry((slices, body, body), spacing), np.random.default_rng(seed))
+    full = np.full((slices, size, size), AIR_HU, dtype=image.dtype)
+    start = (size - body) // 2
+    full[:, start:start + body, start:start + body] = image
+    geometry = CaseGeometry((slices, size, size), spacing)
+    itk = sitk.GetImageFromArray(full)
     itk.SetSpacing(geometry.spacing_xyz)
     itk.SetOrigin(geometry.origin)
     itk.SetDirection(geometry.direction)
@@ -224,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--size", type=int, default=512, help="in-plane voxels (default 512)")
     parser.add_argument("--slices", type=int, default=130, help="slices (default 130)")
+    parser.add_argument("--body-mm", type=float, default=420.0,
+                        help="width of the synthetic patient at the shoulders in mm (default 420; 0: the phantom "
+                             "fills the field of view, a worst case for the Local and Middle regions)")
     parser.add_argument("--two-step", choices=("fast", "default"), default="fast",
                         help="settings of the measured two-step runs (default: fast, extrapolated to nnU-Net's "
                              "defaults; 'default' only for small CTs)")
@@ -237,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     dirs = configure_environment(work)
     dataset = prepare_models(dirs)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    inputs = work / f"ct_{args.size}x{args.slices}"
+    inputs = work / f"ct_{args.size}x{args.slices}_body{args.body_mm:g}"
     if not inputs.is_dir():
-        write_ct(inputs, args.size, args.slices)
+        write_ct(inputs, args.size, args.slices, args.body_mm)
     for old in ("defaults", "defaults_float32", "same_settings", "two_step"):
         shutil.rmtree(work / old, ignore_errors=True)
-    print(f"work folder {work}; CT {args.size} x {args.size} x {args.slices}; {os.cpu_count()} CPUs; "
+    print(f"work folder {work}; CT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm; "
+          f"{os.cpu_count()} CPUs; "
           f"load average before: {os.getloadavg()}", flush=True)
     labels = model_labels()
     k_labels = [labels[0], labels[-1]] if args.k == 2 else labels[:args.k]  # K = 2: Local:0 and Global:1
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
           f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
 
-    print(f"\nCT {args.size} x {args.size} x {args.slices}, {os.cpu_count()} CPUs, load average after: "
+    print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs, load average after: "
           f"{os.getloadavg()}\n")
     print("| contender | models | s per case | how | peak memory GiB |\n|---|---|---|---|---|")
     for name, models, seconds, how, peak in rows:
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
           f"same settings ({args.two_step}, {args.k} models): the pipeline alone is {two_step_k / same.seconds:.1f}x "
           f"faster; fused Dice vs the two-step path: {agreement:.5f}")
     (work / "predict_speed.json").write_text(json.dumps(
-        {"size": args.size, "slices": args.slices, "two_step": args.two_step, "k": args.k,
+        {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "two_step": args.two_step, "k": args.k,
          "rows": [dict(zip(("contender", "models", "seconds", "how", "peak_bytes"), r)) for r in rows],
          "precision_dice": precision_dice, "same_settings_dice": agreement}, indent=1))
     return 0

@@ -180,6 +180,52 @@ def test_sagittal_ct_is_segmented_on_its_own_grid_as_its_axial_twin(results, tes
     assert sitk.GetArrayFromImage(read(out / "axial_probability.nii.gz")).max() > 0
 
 
+def _ensemble(results: Path):
+    import torch
+    from nnunetv2_gtv.inference import EnsemblePredictor
+
+    specs = resolve_models(results, DATASET_NAME, ["Local:0", "Global:0"], tr_suffix="_smoke")
+    return EnsemblePredictor([load_model(s, torch.device("cpu"), 1.0, False) for s in specs], InferenceSettings())
+
+
+def test_export_overlapping_prediction_writes_the_same_files(results, test_ct, tmp_path):
+    """As on a GPU: each model is exported in a thread while the next one predicts."""
+    from nnunetv2_gtv.ensemble.fusion import FusionSettings
+    from nnunetv2_gtv.inference import RunOptions, predict_cases
+
+    ensemble, cases = _ensemble(results), find_cases(test_ct)
+    for overlap in (False, True):
+        report = predict_cases(ensemble, cases, tmp_path / str(overlap), FusionSettings(), {},
+                               RunOptions(num_processes=0, progress=False, overlap_export=overlap), log=lambda m: None)
+        assert report.done == [cases[0].case] and not report.failures
+    for name in (f"{cases[0].case}.nii.gz", f"{cases[0].case}_entropy.nii.gz"):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read(tmp_path / "True" / name)),
+                                      sitk.GetArrayFromImage(read(tmp_path / "False" / name)))
+
+
+def test_a_model_failing_mid_case_leaves_no_outputs(results, test_ct, tmp_path, monkeypatch):
+    from nnunetv2_gtv.ensemble.fusion import FusionSettings
+    from nnunetv2_gtv.inference import RunOptions, predict_cases
+
+    ensemble = _ensemble(results)
+    predict = ensemble.predict_logits
+    calls = []
+
+    def second_model_fails(model, data, boxes):
+        calls.append(model.label)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return predict(model, data, boxes)
+
+    monkeypatch.setattr(ensemble, "predict_logits", second_model_fails)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict_cases(ensemble, find_cases(test_ct), out, FusionSettings(), {},
+                      RunOptions(num_processes=0, progress=False, overlap_export=True), log=lambda m: None)
+    assert calls == ["Local:0", "Global:0"]
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []
+
+
 # ---------------------------------------------------------------- equivalence with the two-step path
 
 

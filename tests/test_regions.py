@@ -320,7 +320,7 @@ def test_gtv_regions_names_unknown_cases(preprocessed, capsys):
 
 @pytest.mark.realdata
 def test_real_ct_regions(real_data, capsys):
-    widths_mm, rows = {}, []
+    rows = []
     coverage_regions, coverage_segs = {}, {}
     for image_file in sorted((real_data / "imagesTr").glob("*.nii.gz")):
         case = image_file.name[: -len("_0000.nii.gz")]

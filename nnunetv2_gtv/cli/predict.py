@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "weights": list(fusion.model_weights(len(models))),
                    "settings": fusion_settings_record(fusion)}
     options = RunOptions(args.np, args.resume, args.num_parts, args.part_id, model_folders,
-                         not args.disable_progress_bar)
+                         not args.disable_progress_bar, overlap_export=device.type != "cpu")
     report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
     if model_folders:
         print(f"{PROG}: each model's own predictions: {model_folders[0].parent}")

@@ -39,14 +39,15 @@ class RunOptions:
     part_id: int = 0
     model_folders: tuple[Path, ...] | None = None  # also write each model's own prediction there
     progress: bool = True
+    overlap_export: bool = False  # export each model while the next ones predict (when the models run on a GPU)
 
 
 @dataclass
 class CaseTiming:
     """Seconds spent on one case: reading + preprocessing + regions, each model, export (resampling + fusion).
 
-    Exported in a thread (one process), ``export`` is only the wait after the last model: the rest overlapped
-    the models' prediction. Exported by a pool, it is the worker's whole time for the case.
+    Exported in an overlapping thread, ``export`` is only the wait after the last model: the rest overlapped
+    the models' prediction. Otherwise it is the export's whole time for the case.
     """
 
     preprocessing: float = 0.0
@@ -122,20 +123,23 @@ class LogitsStream:
 
 
 class _Exporter:
-    """Exports cases while prediction goes on: in a thread fed model by model (``num_processes`` 0), or in a
-    spawn pool of ``num_processes`` with at most ``num_processes + 1`` cases (each holding its models' logits)
-    waiting."""
+    """Exports the cases: in this process (``num_processes`` 0), either after the case's last model or, with
+    ``overlap``, in a thread fed model by model while the next models predict; or in a spawn pool of
+    ``num_processes`` with at most ``num_processes + 1`` cases (each holding its models' logits) waiting.
 
-    def __init__(self, num_processes: int):
+    Overlap pays only when prediction leaves CPU cores free (a GPU): on a 2-core CPU the export thread slowed
+    the models' OpenMP threads by more than it saved (224 s against 197 s for six models, README)."""
+
+    def __init__(self, num_processes: int, overlap: bool):
         self._pool = multiprocessing.get_context("spawn").Pool(num_processes) if num_processes > 0 else None
         self._pending: list = []
         self._limit = num_processes + 1
-        self.streams = self._pool is None
+        self.streams = self._pool is None and overlap
         self.results: list[tuple[str, dict | None, str | None, float]] = []
 
     def start(self, job: ExportJob) -> Callable[[], float]:
-        """Begin exporting ``job``, whose logits arrive in ``job.logits`` (a LogitsStream without a pool, else a
-        list filled before the returned ``finish`` is called); ``finish`` returns seconds waited for the export."""
+        """Begin exporting ``job``, whose logits arrive in ``job.logits`` (a LogitsStream if ``streams``, else a
+        list filled before the returned ``finish`` is called); ``finish`` returns the seconds it waited."""
         if self._pool is not None:
             def submit() -> float:
                 while sum(not r.ready() for r in self._pending) >= self._limit:
@@ -143,6 +147,11 @@ class _Exporter:
                 self._pending.append(self._pool.apply_async(export_case, (job,)))
                 return 0.0
             return submit
+        if not self.streams:
+            def export_now() -> float:
+                self.results.append(export_case(job))
+                return self.results[-1][3]
+            return export_now
         stream = job.logits
 
         def export() -> None:
@@ -229,7 +238,7 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
     log(f"gtv-predict: {len(cases)} cases, this part {len(todo) + len(report.skipped)}: "
         f"{len(report.skipped)} already finished, {len(todo)} to predict with {len(ensemble.models)} models")
 
-    exporter = _Exporter(options.num_processes if len(todo) > 1 else 0)
+    exporter = _Exporter(options.num_processes if len(todo) > 1 else 0, options.overlap_export)
     labels = [m.label for m in ensemble.models]
     model_folders = list(options.model_folders or [None] * len(ensemble.models))
     progress = tqdm(total=len(todo) * len(ensemble.models), unit="model", disable=not options.progress or not todo)
