@@ -126,13 +126,28 @@ def test_outputs_are_on_the_input_grid_in_its_format(restricted_run, cts):
 @pytest.mark.parametrize("scale", ["Local", "Middle"])
 def test_region_models_predict_background_below_their_region(restricted_run, scale):
     """Local / Middle: foreground probability exactly 0 in the shoulders, which are the first slices of the
-    original CT (direction +z) and the last slices of the flipped one; Global is not restricted."""
+    original CT (direction +z) and the last slices of the flipped one."""
     models = restricted_run["out"] / "model_predictions"
     folder = models / f"nnUNetTrainerGTV25D{scale}_smoke__fold_0"
     original, flipped = probabilities(folder, "case_006"), probabilities(folder, "flipped")
     assert np.all(original[1, :5] == 0) and np.all(original[0, :5] == 1)
     assert np.all(flipped[1, -5:] == 0) and np.all(flipped[0, -5:] == 1)
     assert original[1].max() > 0.5 and flipped[1].max() > 0.5
+
+
+def test_global_models_predict_background_outside_the_body(results, test_ct, tmp_path):
+    """The CT padded with 30 voxels of air in-plane: Global runs in the body's box (10 mm margin), so the outer
+    voxels have foreground probability exactly 0."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sitk.WriteImage(sitk.ConstantPad(read(test_ct), [30, 30, 0], [30, 30, 0], -1000), str(folder / "padded.nii.gz"))
+    out = tmp_path / "out"
+    code, _, stderr = run(["-i", folder, "-o", out, *SMOKE, "-m", "Global:0", *FAST, "--save-model-predictions"])
+    assert code == 0, stderr
+    foreground = probabilities(out / "model_predictions" / "nnUNetTrainerGTV25DGlobal_smoke__fold_0", "padded")[1]
+    for border in (foreground[:, :15], foreground[:, -15:], foreground[:, :, :15], foreground[:, :, -15:]):
+        assert np.all(border == 0)
+    assert foreground.max() > 0.5
 
 
 def test_model_predictions_are_nnunet_folders_that_gtv_uncertainty_fuses_identically(restricted_run, tmp_path):

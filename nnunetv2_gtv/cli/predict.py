@@ -81,8 +81,9 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                             "and memory, not the result")
     group.add_argument("--no-region-restriction", dest="restrict", action="store_false",
                        default=DEFAULTS.restrict_to_region,
-                       help="run Local and Middle models on the whole image instead of only inside their sampling "
-                            "region (head, head and neck; outside it they predict background)")
+                       help="run every model on the whole image instead of Local and Middle only inside their "
+                            "sampling region (head; head and neck) and Global inside the body's bounding box; outside "
+                            "it they predict background")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,22 +43,20 @@ class EnsemblePredictor:
         return torch.from_numpy(data).to(dtype=torch.float32, memory_format=torch.contiguous_format), properties
 
     def region_boxes(self, data: torch.Tensor, properties: dict) -> tuple[dict[str, Box], tuple[str, ...]]:
-        """Sampling regions of the preprocessed CT, as the trainers found them for training, and any warnings.
+        """Where each sampling region's models run on the preprocessed CT, and any warnings of the region finder.
 
-        Global (or no restriction) is the whole image; regions are computed only when a model needs one.
+        Local and Middle: their sampling regions as the trainers found them for training. Global: the body's
+        bounding box (with the regions' margins, 10 mm in-plane), all its slices; outside the body there is no
+        tumour to find. Without region restriction every model runs on the whole image.
         """
         shape = tuple(data.shape[1:])
-        boxes = {"global": Box.full(shape)}
-        needed = {m.sampling_region for m in self.models} - {"global"}
-        if not self.settings.restrict_to_region or not needed:
-            return boxes, ()
-        plans = self.plans_manager.plans
+        if not self.settings.restrict_to_region:
+            return {"global": Box.full(shape)}, ()
         orientation = superior_axis_from_direction(properties["sitk_stuff"]["direction"],
                                                    self.plans_manager.transpose_forward)
         regions = compute_regions(data[0].numpy(), self.configuration_manager.spacing, *orientation,
-                                  body_threshold_from_plans(plans))
-        boxes.update({name: regions.boxes[name] for name in needed})
-        return boxes, regions.warnings
+                                  body_threshold_from_plans(self.plans_manager.plans))
+        return {**regions.boxes, "global": regions.body_box}, regions.warnings
 
     def predict_logits(self, model: LoadedModel, data: torch.Tensor, boxes: Mapping[str, Box]) -> np.ndarray:
         """(C, z, y, x) float16 logits of ``model`` on the preprocessed grid, as nnU-Net's predictor makes them."""

@@ -107,6 +107,7 @@ class CaseRegions:
     levels: Mapping[str, int | None] = field(default_factory=dict)
     area_profile_mm2: tuple[float, ...] = ()  # smoothed, in array order along the superior axis
     warnings: tuple[str, ...] = ()
+    body_box: Box | None = None  # the body with the margins, all its slices: where gtv-predict runs Global models
 
     def to_json(self) -> dict:
         return {
@@ -121,6 +122,7 @@ class CaseRegions:
             "levels": dict(self.levels),
             "area_profile_mm2": list(self.area_profile_mm2),
             "warnings": list(self.warnings),
+            "body": self.body_box.to_json() if self.body_box is not None else None,
         }
 
     @classmethod
@@ -138,6 +140,7 @@ class CaseRegions:
             levels=dict(value["levels"]),
             area_profile_mm2=tuple(value["area_profile_mm2"]),
             warnings=tuple(value["warnings"]),
+            body_box=Box.from_json(value["body"]) if value.get("body") is not None else None,
         )
 
     def describe(self) -> str:
@@ -378,7 +381,7 @@ def compute_regions(image_zyx: np.ndarray, spacing_zyx: Sequence[float], superio
     local_end = min(levels.head_end + z_margin, middle_end) if levels.head_end is not None else middle_end
 
     boxes = {"global": Box.full(image.shape)}
-    for name, end in (("local", local_end), ("middle", middle_end)):
+    for name, end in (("local", local_end), ("middle", middle_end), ("body", body_end)):
         z = (n - end, n - start) if superior_is_high else (start, end)
         ranges = _inplane_box(mask, (start, end), strides, inplane_shape, inplane_margins)
         ranges.insert(superior_axis, z)
@@ -395,6 +398,7 @@ def compute_regions(image_zyx: np.ndarray, spacing_zyx: Sequence[float], superio
                 "shoulders": to_array_index(levels.shoulders)},
         area_profile_mm2=tuple(round(float(a), 1) for a in (profile[::-1] if superior_is_high else profile)),
         warnings=tuple(warnings),
+        body_box=boxes["body"],
     )
 
 
