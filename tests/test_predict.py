@@ -326,6 +326,7 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     assert settings.use_cpu_bfloat16("bfloat16", "cpu") and not settings.use_cpu_bfloat16("float32", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         settings.use_cpu_bfloat16("half", "cpu")
+    assert settings.default_step_size("cpu") == 1.0 and settings.default_step_size("cuda") == 0.5
 
 
 # ---------------------------------------------------------------- bad input

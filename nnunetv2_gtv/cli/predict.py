@@ -32,7 +32,8 @@ from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, Model
     load_model, resolve_models
 from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
-from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, parse_tile, use_cpu_bfloat16
+from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
+    use_cpu_bfloat16
 
 PROG = "gtv-predict"
 DEFAULTS = InferenceSettings()
@@ -62,9 +63,9 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                        help="patch (the training patch, nnU-Net's sliding window), slab (the patch's slices, whole "
                             "in-plane extent), whole (one pass over the image) or ZxYxX; the network's PE blocks "
                             f"pool over the whole tile, so it can change the result (default: {DEFAULTS.tile})")
-    group.add_argument("-step_size", type=float, default=DEFAULTS.step_size,
-                       help=f"sliding-window step as a fraction of the tile, 1 = no overlap (default: "
-                            f"{DEFAULTS.step_size}; nnU-Net's is 0.5)")
+    group.add_argument("-step_size", type=float, metavar="STEP",
+                       help="sliding-window step as a fraction of the tile, 1 = no overlap (default: 1 on the CPU, "
+                            "0.5 on CUDA; nnU-Net's is 0.5)")
     tta = group.add_mutually_exclusive_group()
     tta.add_argument("--disable_tta", dest="mirroring", action="store_false", default=DEFAULTS.mirroring,
                      help="no test-time mirroring" + (" (the default)" if not DEFAULTS.mirroring else ""))
@@ -140,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tiles_per_batch is not None and args.tiles_per_batch < 1:
         parser.error("-tiles_per_batch must be at least 1")
     try:
-        settings = InferenceSettings(args.tile, args.step_size, args.mirroring, args.restrict,
+        step_size = args.step_size if args.step_size is not None else default_step_size(args.device)
+        settings = InferenceSettings(args.tile, step_size, args.mirroring, args.restrict,
                                      use_cpu_bfloat16(args.precision, args.device))
         fusion = fusion_settings_from_args(args)
     except ValueError as err:
