@@ -26,7 +26,8 @@ and fold 1 is a copy of fold 0. Wall time is measured around each command; peak 
 RSS over the command's process tree, sampled every 0.1 s from /proc. The load average is printed: the CPU may
 be shared.
 
-Run: ``python benchmarks/predict_speed.py [--size 512 --slices 130] [--two-step fast|default] [-k K] [--work DIR]``
+Run: ``python benchmarks/predict_speed.py [--size 512 --slices 130] [--body-mm MM] [--two-step fast|default] [-k K]
+[--device cpu|cuda] [--work DIR]``
 """
 from __future__ import annotations
 
@@ -166,9 +167,9 @@ def _dice(a: Path, b: Path) -> float:
 
 
 def run_gtv_predict(inputs: Path, output: Path, dataset: str, labels: list[str], extra: list[str],
-                    env: dict) -> Measured:
+                    env: dict, device: str) -> Measured:
     return measure([sys.executable, "-m", "nnunetv2_gtv.cli.predict", "-i", str(inputs), "-o", str(output),
-                    "-d", dataset, "-m", *labels, "-device", "cpu", "--disable_progress_bar", *extra], env)
+                    "-d", dataset, "-m", *labels, "-device", device, "--disable_progress_bar", *extra], env)
 
 
 # nnUNetv2_predict options of the two-step path: nnU-Net's defaults, or the fast settings (see the docstring)
@@ -176,15 +177,15 @@ TWO_STEP_OPTIONS = {"default": [], "fast": ["-step_size", "1", "--disable_tta"]}
 SAME_SETTINGS = {"default": ["-step_size", "0.5", "--enable_tta"], "fast": ["-step_size", "1", "--disable_tta"]}
 
 
-def run_two_step(inputs: Path, work: Path, dataset: str, labels: list[str], settings: str, env: dict
-                 ) -> tuple[list[Measured], Measured, Measured]:
+def run_two_step(inputs: Path, work: Path, dataset: str, labels: list[str], settings: str, env: dict,
+                 device: str) -> tuple[list[Measured], Measured, Measured]:
     """nnUNetv2_predict per model; gtv-uncertainty on those folders and on six (the real ones, repeated)."""
     runs, folders = [], []
     for label in labels:
         scale, fold = label.split(":")
         folder = work / "two_step" / label.replace(":", "_")
         runs.append(measure([_bin("nnUNetv2_predict"), "-i", str(inputs), "-o", str(folder), "-d", dataset,
-                             "-c", "3d_fullres", "-tr", f"nnUNetTrainerGTV25D{scale}", "-f", fold, "-device", "cpu",
+                             "-c", "3d_fullres", "-tr", f"nnUNetTrainerGTV25D{scale}", "-f", fold, "-device", device,
                              "--save_probabilities", "--disable_progress_bar", *TWO_STEP_OPTIONS[settings]], env))
         folders.append(str(folder))
     fused = measure([_bin("gtv-uncertainty"), "-i", *folders, "-o", str(work / "two_step" / "fused"), "-np", "1"],
@@ -195,16 +196,17 @@ def run_two_step(inputs: Path, work: Path, dataset: str, labels: list[str], sett
     return runs, fused, fused_six
 
 
-def tile_passes_and_seconds(ct: Path, results: Path, dataset: str) -> tuple[int, int, float]:
+def tile_passes_and_seconds(ct: Path, results: Path, dataset: str, device: str) -> tuple[int, int, float]:
     """nnU-Net's tile passes per model on this CT (step 0.5 with its mirrorings; step 1 without) and the seconds
-    of one float32 tile pass of nnU-Net's own predictor (one tile per call), measured here."""
+    of one tile pass of nnU-Net's own predictor (one tile per call; float32 on the CPU, float16 autocast on
+    CUDA, as nnU-Net runs), measured here."""
     import SimpleITK as sitk
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
     torch.set_num_threads(os.cpu_count() or 1)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"),
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device(device),
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(
         str(results / dataset / "nnUNetTrainerGTV25DGlobal__nnUNetPlans__3d_fullres"), (0,), "checkpoint_final.pth")
@@ -215,12 +217,15 @@ def tile_passes_and_seconds(ct: Path, results: Path, dataset: str) -> tuple[int,
     predictor.tile_step_size = 1.0
     fast_tiles = len(predictor._internal_get_sliding_window_slicers(shape))
     mirrorings = 2 ** len(predictor.allowed_mirroring_axes or ())
-    tile = torch.randn(1, 1, *predictor.configuration_manager.patch_size)
-    with torch.inference_mode():
+    tile = torch.randn(1, 1, *predictor.configuration_manager.patch_size, device=device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(device, enabled=device == "cuda"):
         predictor.network(tile)
+        synchronize()
         start = time.perf_counter()
         for _ in range(10):
             predictor.network(tile)
+        synchronize()
     return default_tiles * mirrorings, fast_tiles, (time.perf_counter() - start) / 10
 
 
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two-step", choices=("fast", "default"), default="fast",
                         help="settings of the measured two-step runs (default: fast, extrapolated to nnU-Net's "
                              "defaults; 'default' only for small CTs)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where gtv-predict and nnUNetv2_predict run (default cpu; the float32 contender is "
+                             "CPU-only)")
     parser.add_argument("-k", type=int, default=2, help="models run by contenders 3 and 4 (1-6, default 2)")
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder, kept; reuse "
                                                   "it to skip training)")
@@ -261,18 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     k_labels = [labels[0], labels[-1]] if args.k == 2 else labels[:args.k]  # K = 2: Local:0 and Global:1
 
     rows = []
-    defaults = run_gtv_predict(inputs, work / "defaults", dataset, labels, [], env)
+    defaults = run_gtv_predict(inputs, work / "defaults", dataset, labels, [], env, args.device)
     rows.append(("gtv-predict, defaults", NUM_MODELS, defaults.seconds, "measured", defaults.peak_bytes))
     print(f"gtv-predict defaults: {defaults.seconds:.1f} s {_timing(defaults.stdout)}; load {os.getloadavg()}",
           flush=True)
-    float32 = run_gtv_predict(inputs, work / "defaults_float32", dataset, labels, ["-precision", "float32"], env)
-    rows.append(("gtv-predict, defaults, -precision float32", NUM_MODELS, float32.seconds, "measured",
-                 float32.peak_bytes))
-    precision_dice = _dice(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
-    print(f"gtv-predict defaults float32: {float32.seconds:.1f} s {_timing(float32.stdout)}; fused Dice vs "
-          f"defaults {precision_dice:.4f}; load {os.getloadavg()}", flush=True)
+    float32, precision_dice = None, None
+    if args.device == "cpu":
+        float32 = run_gtv_predict(inputs, work / "defaults_float32", dataset, labels, ["-precision", "float32"], env,
+                                  args.device)
+        rows.append(("gtv-predict, defaults, -precision float32", NUM_MODELS, float32.seconds, "measured",
+                     float32.peak_bytes))
+        precision_dice = _dice(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
+        print(f"gtv-predict defaults float32: {float32.seconds:.1f} s {_timing(float32.stdout)}; fused Dice vs "
+              f"defaults {precision_dice:.4f}; load {os.getloadavg()}", flush=True)
 
-    runs, fused, fused_six = run_two_step(inputs, work, dataset, k_labels, args.two_step, env)
+    runs, fused, fused_six = run_two_step(inputs, work, dataset, k_labels, args.two_step, env, args.device)
     run_seconds = float(np.mean([r.seconds for r in runs]))
     two_step_peak = max([r.peak_bytes for r in runs] + [fused_six.peak_bytes])
     if args.two_step == "default":
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             f"6 x mean of {args.k} measured nnUNetv2_predict runs + gtv-uncertainty on 6 folders"
     else:
         passes_default, passes_fast, pass_seconds = tile_passes_and_seconds(
-            inputs / "ct_0000.nii.gz", dirs["nnUNet_results"], dataset)
+            inputs / "ct_0000.nii.gz", dirs["nnUNet_results"], dataset, args.device)
         per_model = run_seconds + (passes_default - passes_fast) * pass_seconds
         two_step_six = NUM_MODELS * per_model + fused_six.seconds
         how = (f"6 x ({run_seconds:.0f} s measured at step 1 without mirroring + ({passes_default} - {passes_fast}) "
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     same = run_gtv_predict(inputs, work / "same_settings", dataset, k_labels,
                            ["-precision", "float32", "--tile", "patch", "--no-region-restriction", "-np", "0",
-                            *SAME_SETTINGS[args.two_step]], env)
+                            *SAME_SETTINGS[args.two_step]], env, args.device)
     rows.append((f"gtv-predict, the two-step path's settings ({args.two_step})", args.k, same.seconds, "measured",
                  same.peak_bytes))
     agreement = _dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
@@ -310,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| contender | models | s per case | how | peak memory GiB |\n|---|---|---|---|---|")
     for name, models, seconds, how, peak in rows:
         print(f"| {name} | {models} | {seconds:.1f} | {how} | {gib(peak)} |")
-    print(f"\ngtv-predict defaults vs the two-step path at nnU-Net's defaults (6 models): "
-          f"{two_step_six / defaults.seconds:.1f}x faster; -precision float32: {two_step_six / float32.seconds:.1f}x; "
-          f"fused Dice defaults vs float32: {precision_dice:.4f}\n"
-          f"same settings ({args.two_step}, {args.k} models): the pipeline alone is {two_step_k / same.seconds:.1f}x "
-          f"faster; fused Dice vs the two-step path: {agreement:.5f}")
+    _, model_seconds, _ = _timing(defaults.stdout)
+    print(f"\ngtv-predict defaults ({args.device}): the six models' time per case {sum(model_seconds):.2f} s "
+          f"(the paper: < 0.3 s on a GTX 1080 Ti), end to end {defaults.seconds:.1f} s; "
+          f"{two_step_six / defaults.seconds:.1f}x faster than the two-step path at nnU-Net's defaults"
+          + (f"; -precision float32: {two_step_six / float32.seconds:.1f}x, fused Dice defaults vs float32: "
+             f"{precision_dice:.4f}" if float32 else "")
+          + f"\nsame settings ({args.two_step}, {args.k} models): the pipeline alone is "
+            f"{two_step_k / same.seconds:.1f}x faster; fused Dice vs the two-step path: {agreement:.5f}")
     (work / "predict_speed.json").write_text(json.dumps(
-        {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "two_step": args.two_step, "k": args.k,
+        {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "device": args.device, "two_step": args.two_step, "k": args.k,
          "rows": [dict(zip(("contender", "models", "seconds", "how", "peak_bytes"), r)) for r in rows],
          "precision_dice": precision_dice, "same_settings_dice": agreement}, indent=1))
     return 0
