@@ -9,6 +9,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
@@ -52,17 +53,22 @@ def write_image(array: np.ndarray, target: str | os.PathLike, file_ending: str, 
     return target
 
 
-def write_text(text: str, target: str | os.PathLike) -> Path:
+def write_file(target: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write`` on a new binary file beside ``target``, then rename it to ``target``."""
     target = Path(target)
     tmp = _temporary_path(target, "")
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def write_text(text: str, target: str | os.PathLike) -> Path:
+    return write_file(target, lambda f: f.write(text.encode()))
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

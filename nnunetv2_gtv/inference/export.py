@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from nnunetv2_gtv.ensemble.errors import SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, fuse_probability_maps
 from nnunetv2_gtv.ensemble.summary import fuse_and_record
-from nnunetv2_gtv.ensemble.writing import write_image, write_text
+from nnunetv2_gtv.ensemble.writing import write_file, write_image, write_text
 
 MODEL_PREDICTIONS_FOLDER = "model_predictions"
 
@@ -65,18 +64,8 @@ def _save_model_prediction(folder: Path, case: str, segmentation: np.ndarray, pr
     """What nnUNetv2_predict --save_probabilities writes: ``<case>.npz``, ``<case>.pkl``, the segmentation."""
     write_image(segmentation, folder / f"{case}{dataset.file_ending}", dataset.file_ending, properties,
                 dataset.reader_writer)
-    token = f"{os.getpid()}.{secrets.token_hex(4)}"
-    for name, write in ((f"{case}.npz", lambda f: np.savez_compressed(f, probabilities=probabilities)),
-                        (f"{case}.pkl", lambda f: pickle.dump(properties, f))):
-        target = folder / name
-        tmp = folder / f".{name}.{token}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    write_file(folder / f"{case}.npz", lambda f: np.savez_compressed(f, probabilities=probabilities))
+    write_file(folder / f"{case}.pkl", lambda f: pickle.dump(properties, f))
 
 
 def _each_once(logits: Iterable[np.ndarray]) -> Iterator[np.ndarray]:

@@ -97,7 +97,8 @@ class LogitsStream:
         self._queue: queue.Queue = queue.Queue(capacity)
         self._ended = False
 
-    def put(self, logits: np.ndarray) -> None:
+    def append(self, logits: np.ndarray) -> None:
+        """Hand over one model's logits (named as ``list.append``: the pipeline fills either)."""
         self._queue.put(logits)
 
     def close(self) -> None:
@@ -265,7 +266,7 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
                 start = time.perf_counter()
                 logits = ensemble.predict_logits(model, prepared.data, prepared.boxes)
                 timing.models.append(time.perf_counter() - start)
-                (stream.put if exporter.streams else stream.append)(logits)
+                stream.append(logits)
                 del logits
                 progress.update()
         except BaseException as err:
