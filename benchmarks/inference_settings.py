@@ -10,11 +10,11 @@ Then the 3-model ensemble segments the held-out cases under each setting of ``SE
 own pipeline (one preprocessing per case, in-memory fusion, largest component) and the table gives the fused
 Dice against the reference and the wall time per case (read, preprocess, 3 models, export; models loaded
 once). ``nnU-Net default`` is nnUNetv2_predict's inference: the training patch as tile, step 0.5, mirroring,
-no region restriction. On the real CTs (about 500 x 500 x 107 voxels at 1 x 1 x 3 mm) that row would take hours per
-case on a CPU, so there (``--estimate-reference``) it is not run: its time is the measured ``patch, step 1, whole
-image`` run with each model's seconds scaled by the ratio of network passes (nnU-Net's tile layout at step 0.5,
-times the mirrorings, over step 1's), and its Dice is not known. The CPU may be shared: the load average is
-printed with each row.
+no region restriction. On the real CTs (about 600 x 600 x 110-130 voxels at 1 x 1 x 3 mm) that row would take
+hours per case on a CPU, so there (``--estimate-reference``) it is not run: its time is the measured ``patch,
+step 1, whole image`` run with each model's seconds scaled by the ratio of network passes (nnU-Net's tile layout
+at step 0.5, times the mirrorings, over step 1's), and its Dice is not known. The CPU may be shared: the load
+average is printed with each row.
 
 Run: ``python benchmarks/inference_settings.py [--work DIR] [--datasets synthetic real] [--iterations N]``;
 a rerun with the same --work reuses the datasets and trained models.
