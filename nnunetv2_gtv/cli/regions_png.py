@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunetv2_gtv.ensemble.writing import write_file
 from nnunetv2_gtv.training.regions import (
     BODY_THRESHOLD_HU, CACHE_FOLDER, REGION_NAMES, CaseRegions, array_axis_orientation, body_threshold_from_plans,
     compute_regions, superior_axis_from_direction,
@@ -244,13 +244,7 @@ def render_png(case: Case, output: Path) -> None:
     buffer.seek(0)
     palette = Image.open(buffer).convert("RGB").quantize(colors=96)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        palette.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file(output, lambda f: palette.save(f, format="PNG", optimize=True))
 
 
 def _plot_profile(ax, regions: CaseRegions) -> None:
