@@ -80,7 +80,8 @@ def configure_environment(work: Path) -> dict[str, Path]:
     return dirs
 
 
-def _bin(name: str) -> str:
+def nnunet_command(name: str) -> str:
+    """A console script of this environment (nnU-Net's or ours)."""
     return str(Path(sys.executable).parent / name)
 
 
@@ -116,8 +117,9 @@ def real_dataset(raw: Path, source: Path = REAL_SOURCE, num_test: int = REAL_TES
 def plan_and_preprocess(dataset_name: str, preprocessed: Path) -> None:
     if (preprocessed / dataset_name / "nnUNetPlans_3d_fullres").is_dir():
         return
-    subprocess.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", dataset_name[7:10], "-pl", "nnUNetPlannerGTV25D",
-                    "-c", "3d_fullres", "-np", "2"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", dataset_name[7:10],
+                    "-pl", "nnUNetPlannerGTV25D", "-c", "3d_fullres", "-np", "2"],
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 def train(dataset_name: str, scale: str, schedule: Schedule, results: Path, fold: int | str = FOLD) -> Path:
@@ -148,7 +150,7 @@ def _cases_and_labels(raw: Path, dataset_name: str) -> tuple[list, dict[str, Pat
     return cases, {c.case: raw / dataset_name / "labelsTs" / f"{c.case}.nii.gz" for c in cases}
 
 
-def _dice(prediction: Path, reference: Path) -> float:
+def dice(prediction: Path, reference: Path) -> float:
     import SimpleITK as sitk
 
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
@@ -181,41 +183,41 @@ def evaluate(dataset_name: str, raw: Path, results: Path, work: Path, names: lis
                                RunOptions(num_processes=0, progress=False), log=lambda m: None)
         if report.failures:
             raise RuntimeError(f"{name}: {report.failures}")
-        dice = {c.case: _dice(output / f"{c.case}{c.file_ending}", labels[c.case]) for c in cases}
+        case_dice = {c.case: dice(output / f"{c.case}{c.file_ending}", labels[c.case]) for c in cases}
         first = Path(rows[0]["output"]) if rows else output
-        agreement = {c.case: _dice(output / f"{c.case}{c.file_ending}", first / f"{c.case}{c.file_ending}")
+        agreement = {c.case: dice(output / f"{c.case}{c.file_ending}", first / f"{c.case}{c.file_ending}")
                      for c in cases}
         rows.append({"dataset": dataset_name, "setting": name, "output": str(output), "agreement": agreement,
                      "tile": tile, "step": step, "mirroring": mirroring,
-                     "regions": restrict, "bfloat16": bfloat16, "dice": dice,
+                     "regions": restrict, "bfloat16": bfloat16, "dice": case_dice,
                      "seconds": {case: timing.total for case, timing in report.timings.items()},
                      "model_seconds": {case: timing.models for case, timing in report.timings.items()},
                      "load": [load_before, os.getloadavg()[0]]})
-        print(f"{name}: Dice {np.mean(list(dice.values())):.3f}, "
+        print(f"{name}: Dice {np.mean(list(case_dice.values())):.3f}, "
               f"{np.mean(list(rows[-1]['seconds'].values())):.1f} s per case", flush=True)
     return rows
 
 
-def sliding_window_passes(raw: Path, results: Path, dataset_name: str, step: float, mirroring: bool) -> dict:
-    """Network passes per case of each model's sliding window over the whole resampled image at ``step``
-    (times its mirrorings when ``mirroring``), as nnU-Net's predictor lays the tiles out."""
+def nnunet_tile_passes(predictor, image: Path, step: float, mirroring: bool) -> int:
+    """Network passes of nnU-Net's sliding window (``predictor``'s tile layout at ``step``, times its mirrorings
+    when ``mirroring``) over ``image`` resampled to the plans' spacing and padded to at least the patch, as
+    nnU-Net pads it. Reads the image header only."""
     import SimpleITK as sitk
-    import torch
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-    from nnunetv2_gtv.inference import load_model, resolve_models
 
-    cases, _ = _cases_and_labels(raw, dataset_name)
-    passes = {}
-    for spec in resolve_models(results, dataset_name, [f"{s}:{FOLD}" for s in SCALES]):
-        predictor = load_model(spec, torch.device("cpu"), step, mirroring).predictor
-        mirrorings = 2 ** len(predictor.allowed_mirroring_axes or ()) if mirroring else 1
-        for case in cases:
-            image = sitk.ReadImage(str(case.path))
-            shape = compute_new_shape(image.GetSize()[::-1], image.GetSpacing()[::-1],
-                                      predictor.configuration_manager.spacing)
-            tiles = len(predictor._internal_get_sliding_window_slicers(shape))
-            passes.setdefault(case.case, []).append(tiles * mirrorings)
-    return passes
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    configuration = predictor.configuration_manager
+    shape = compute_new_shape(reader.GetSize()[::-1], reader.GetSpacing()[::-1], configuration.spacing)
+    shape = tuple(int(n) for n in np.maximum(shape, configuration.patch_size))
+    saved_step = predictor.tile_step_size
+    predictor.tile_step_size = step
+    try:
+        tiles = len(predictor._internal_get_sliding_window_slicers(shape))
+    finally:
+        predictor.tile_step_size = saved_step
+    return tiles * (2 ** len(predictor.allowed_mirroring_axes or ()) if mirroring else 1)
 
 
 def estimated_row(name: str, measured: dict, raw: Path, results: Path) -> dict:
@@ -223,13 +225,19 @@ def estimated_row(name: str, measured: dict, raw: Path, results: Path) -> dict:
     each model's measured seconds scaled by the ratio of network passes (sliding window at ``name``'s step,
     times its mirrorings, over the measured setting's), reading, preprocessing and export as measured.
     Dice and agreement are not known (None)."""
+    import torch
+    from nnunetv2_gtv.inference import load_model, resolve_models
+
     tile, step, mirroring, restrict, bfloat16 = SETTINGS[name]
     base = SETTINGS[measured["setting"]]
     if restrict or base[3] or base[2] or tile != base[0] or bfloat16 != base[4]:
         raise ValueError(f"cannot estimate {name!r} from {measured['setting']!r}")
     dataset_name = measured["dataset"]
-    target = sliding_window_passes(raw, results, dataset_name, step, mirroring)
-    source = sliding_window_passes(raw, results, dataset_name, base[1], False)
+    cases, _ = _cases_and_labels(raw, dataset_name)
+    predictors = [load_model(spec, torch.device("cpu"), step, mirroring).predictor
+                  for spec in resolve_models(results, dataset_name, [f"{s}:{FOLD}" for s in SCALES])]
+    target = {c.case: [nnunet_tile_passes(p, c.path, step, mirroring) for p in predictors] for c in cases}
+    source = {c.case: [nnunet_tile_passes(p, c.path, base[1], False) for p in predictors] for c in cases}
     seconds = {}
     for case, total in measured["seconds"].items():
         models = measured["model_seconds"][case]
@@ -249,8 +257,8 @@ def _row(row: dict, reference: dict) -> str:
         return (f"| {row['setting']} | not run | - | {seconds:.0f} (estimated: {passes:.0f} network passes per case "
                 f"at the measured '{row['estimated_from']['setting']}' rate) | {reference_seconds / seconds:.1f}x | "
                 f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |")
-    dice = list(row["dice"].values())
-    return (f"| {row['setting']} | {np.mean(dice):.3f} ± {np.std(dice):.3f} | "
+    values = list(row["dice"].values())
+    return (f"| {row['setting']} | {np.mean(values):.3f} ± {np.std(values):.3f} | "
             f"{np.mean(list(row['agreement'].values())):.3f} | {seconds:.1f} | {reference_seconds / seconds:.1f}x | "
             f"{row['load'][0]:.1f}-{row['load'][1]:.1f} |")
 

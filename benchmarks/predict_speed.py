@@ -47,16 +47,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_settings import SCALES, Schedule, configure_environment, plan_and_preprocess, synthetic_dataset, \
-    train  # noqa: E402
+from inference_settings import SCALES, Schedule, configure_environment, dice, nnunet_command, nnunet_tile_passes, \
+    plan_and_preprocess, synthetic_dataset, train  # noqa: E402
 
-NUM_MODELS = 6
-SPEED_SCHEDULE = Schedule(epochs=1, iterations=20, batch=2, lr=1e-3)
+from nnunetv2_gtv.inference.models import default_model_labels  # noqa: E402
+
+NUM_MODELS = len(default_model_labels())
+SPEED_SCHEDULE = Schedule(epochs=1, iterations=20, batch=2)
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 def _tree_rss(root: int) -> int:
@@ -113,7 +111,7 @@ def write_ct(folder: Path, size: int, slices: int, body_mm: float, seed: int = 0
     fills its field of view; ``body_mm`` > 0 renders it that wide (shoulders) and surrounds it with air, as a
     patient lies in a clinical 500 mm field of view."""
     import SimpleITK as sitk
-    from nnunetv2_gtv.demo.synthetic import AIR_HU, CaseGeometry, render_case
+    from nnunetv2_gtv.demo.synthetic import AIR_HU, CaseGeometry, render_case, to_sitk_image
 
     spacing = (0.977, 0.977, 3.0)
     body = min(size, int(round(body_mm / spacing[0]))) if body_mm > 0 else size
@@ -121,14 +119,9 @@ def write_ct(folder: Path, size: int, slices: int, body_mm: float, seed: int = 0
     full = np.full((slices, size, size), AIR_HU, dtype=image.dtype)
     start = (size - body) // 2
     full[:, start:start + body, start:start + body] = image
-    geometry = CaseGeometry((slices, size, size), spacing)
-    itk = sitk.GetImageFromArray(full)
-    itk.SetSpacing(geometry.spacing_xyz)
-    itk.SetOrigin(geometry.origin)
-    itk.SetDirection(geometry.direction)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ct_0000.nii.gz"
-    sitk.WriteImage(itk, str(path))
+    sitk.WriteImage(to_sitk_image(full, CaseGeometry((slices, size, size), spacing)), str(path))
     return path
 
 
@@ -145,25 +138,12 @@ def prepare_models(dirs: dict[str, Path]) -> str:
     return dataset
 
 
-def model_labels() -> list[str]:
-    return [f"{scale}:{fold}" for scale in SCALES for fold in (0, 1)]
-
-
 def _timing(stdout: str) -> tuple[float, list[float], float]:
     """(preprocessing, per-model seconds, export) from gtv-predict's per-case timing line."""
     match = re.search(r"reading and preprocessing ([\d.]+) s, models ([\d. +]+) s, export ([\d.]+) s", stdout)
     if match is None:
         raise RuntimeError(f"no timing line in gtv-predict's output:\n{stdout[-2000:]}")
     return float(match.group(1)), [float(s) for s in match.group(2).split("+")], float(match.group(3))
-
-
-def _dice(a: Path, b: Path) -> float:
-    import SimpleITK as sitk
-
-    x = sitk.GetArrayFromImage(sitk.ReadImage(str(a))) > 0
-    y = sitk.GetArrayFromImage(sitk.ReadImage(str(b))) > 0
-    total = int(x.sum() + y.sum())
-    return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
 
 
 def run_gtv_predict(inputs: Path, output: Path, dataset: str, labels: list[str], extra: list[str],
@@ -184,49 +164,43 @@ def run_two_step(inputs: Path, work: Path, dataset: str, labels: list[str], sett
     for label in labels:
         scale, fold = label.split(":")
         folder = work / "two_step" / label.replace(":", "_")
-        runs.append(measure([_bin("nnUNetv2_predict"), "-i", str(inputs), "-o", str(folder), "-d", dataset,
+        runs.append(measure([nnunet_command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(folder), "-d", dataset,
                              "-c", "3d_fullres", "-tr", f"nnUNetTrainerGTV25D{scale}", "-f", fold, "-device", device,
                              "--save_probabilities", "--disable_progress_bar", *TWO_STEP_OPTIONS[settings]], env))
         folders.append(str(folder))
-    fused = measure([_bin("gtv-uncertainty"), "-i", *folders, "-o", str(work / "two_step" / "fused"), "-np", "1"],
-                    env)
+    fused = measure([nnunet_command("gtv-uncertainty"), "-i", *folders, "-o", str(work / "two_step" / "fused"),
+                     "-np", "1"], env)
     six = [folders[i % len(folders)] for i in range(NUM_MODELS)]
-    fused_six = measure([_bin("gtv-uncertainty"), "-i", *six, "-o", str(work / "two_step" / "fused_six"),
+    fused_six = measure([nnunet_command("gtv-uncertainty"), "-i", *six, "-o", str(work / "two_step" / "fused_six"),
                          "-np", "1"], env)
     return runs, fused, fused_six
 
 
 def tile_passes_and_seconds(ct: Path, results: Path, dataset: str, device: str) -> tuple[int, int, float]:
     """nnU-Net's tile passes per model on this CT (step 0.5 with its mirrorings; step 1 without) and the seconds
-    of one tile pass of nnU-Net's own predictor (one tile per call; float32 on the CPU, float16 autocast on
-    CUDA, as nnU-Net runs), measured here."""
-    import SimpleITK as sitk
+    of one tile pass of nnU-Net's own predictor (one tile per call, on as many CPU threads as nnU-Net's network
+    gets; float32 on the CPU, float16 autocast on CUDA, as nnU-Net runs), measured here."""
     import torch
+    from nnunetv2.configuration import default_num_processes
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(min(default_num_processes, os.cpu_count() or 1))
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device(device),
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(
         str(results / dataset / "nnUNetTrainerGTV25DGlobal__nnUNetPlans__3d_fullres"), (0,), "checkpoint_final.pth")
-    image = sitk.ReadImage(str(ct))
-    shape = compute_new_shape(image.GetSize()[::-1], image.GetSpacing()[::-1],
-                              predictor.configuration_manager.spacing)
-    default_tiles = len(predictor._internal_get_sliding_window_slicers(shape))
-    predictor.tile_step_size = 1.0
-    fast_tiles = len(predictor._internal_get_sliding_window_slicers(shape))
-    mirrorings = 2 ** len(predictor.allowed_mirroring_axes or ())
+    network = predictor.network.to(device).eval()  # as nnU-Net's predict_sliding_window_return_logits does
     tile = torch.randn(1, 1, *predictor.configuration_manager.patch_size, device=device)
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode(), torch.autocast(device, enabled=device == "cuda"):
-        predictor.network(tile)
+        network(tile)
         synchronize()
         start = time.perf_counter()
         for _ in range(10):
-            predictor.network(tile)
+            network(tile)
         synchronize()
-    return default_tiles * mirrorings, fast_tiles, (time.perf_counter() - start) / 10
+    seconds = (time.perf_counter() - start) / 10
+    return nnunet_tile_passes(predictor, ct, 0.5, True), nnunet_tile_passes(predictor, ct, 1.0, False), seconds
 
 
 def gib(n: int) -> str:
@@ -265,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {work}; CT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm; "
           f"{os.cpu_count()} CPUs; "
           f"load average before: {os.getloadavg()}", flush=True)
-    labels = model_labels()
+    labels = default_model_labels()
     k_labels = [labels[0], labels[-1]] if args.k == 2 else labels[:args.k]  # K = 2: Local:0 and Global:1
 
     rows = []
@@ -279,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.device)
         rows.append(("gtv-predict, defaults, -precision float32", NUM_MODELS, float32.seconds, "measured",
                      float32.peak_bytes))
-        precision_dice = _dice(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
+        precision_dice = dice(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
         print(f"gtv-predict defaults float32: {float32.seconds:.1f} s {_timing(float32.stdout)}; fused Dice vs "
               f"defaults {precision_dice:.4f}; load {os.getloadavg()}", flush=True)
 
@@ -303,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     two_step_k = sum(r.seconds for r in runs) + fused.seconds
     rows.append((f"two-step, {args.two_step} settings, measured", args.k, two_step_k,
                  f"{args.k} x nnUNetv2_predict {' '.join(TWO_STEP_OPTIONS[args.two_step])} + gtv-uncertainty",
-                 two_step_peak))
+                 max([r.peak_bytes for r in runs] + [fused.peak_bytes])))
     print(f"two-step: {[round(r.seconds, 1) for r in runs]} s + fusion {fused.seconds:.1f} s (six folders "
           f"{fused_six.seconds:.1f} s); load {os.getloadavg()}", flush=True)
 
@@ -312,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                             *SAME_SETTINGS[args.two_step]], env, args.device)
     rows.append((f"gtv-predict, the two-step path's settings ({args.two_step})", args.k, same.seconds, "measured",
                  same.peak_bytes))
-    agreement = _dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
+    agreement = dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
     print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
           f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
 
-    print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs, load average after: "
+    print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs, "
+          f"load average after: "
           f"{os.getloadavg()}\n")
     print("| contender | models | s per case | how | peak memory GiB |\n|---|---|---|---|---|")
     for name, models, seconds, how, peak in rows:
@@ -330,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
           + f"\nsame settings ({args.two_step}, {args.k} models): the pipeline alone is "
             f"{two_step_k / same.seconds:.1f}x faster; fused Dice vs the two-step path: {agreement:.5f}")
     (work / "predict_speed.json").write_text(json.dumps(
-        {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "device": args.device, "two_step": args.two_step, "k": args.k,
+        {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "device": args.device,
+         "two_step": args.two_step, "k": args.k,
          "rows": [dict(zip(("contender", "models", "seconds", "how", "peak_bytes"), r)) for r in rows],
          "precision_dice": precision_dice, "same_settings_dice": agreement}, indent=1))
     return 0

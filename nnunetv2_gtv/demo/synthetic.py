@@ -165,7 +165,8 @@ def random_geometry(rng: np.random.Generator, in_plane_size: int, num_slices: in
                         ORIENTATIONS[orientation])
 
 
-def _to_sitk(array: np.ndarray, geometry: CaseGeometry) -> sitk.Image:
+def to_sitk_image(array: np.ndarray, geometry: CaseGeometry) -> sitk.Image:
+    """``array`` (z, y, x) as a SimpleITK image with the case's spacing, origin and direction."""
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(geometry.spacing_xyz)
     img.SetOrigin(geometry.origin)
@@ -225,8 +226,8 @@ def write_dataset(
             image, label = render_case(geometry, rng)
             (staging / f"images{split}").mkdir(exist_ok=True)
             (staging / f"labels{split}").mkdir(exist_ok=True)
-            sitk.WriteImage(_to_sitk(image, geometry), str(staging / f"images{split}" / f"{case}_0000.nii.gz"))
-            sitk.WriteImage(_to_sitk(label, geometry), str(staging / f"labels{split}" / f"{case}.nii.gz"))
+            sitk.WriteImage(to_sitk_image(image, geometry), str(staging / f"images{split}" / f"{case}_0000.nii.gz"))
+            sitk.WriteImage(to_sitk_image(label, geometry), str(staging / f"labels{split}" / f"{case}.nii.gz"))
         generate_dataset_json(
             str(staging), channel_names={0: "CT"}, labels={"background": 0, "GTV": 1}, num_training_cases=num_train,
             file_ending=".nii.gz", dataset_name=target.name,
