@@ -21,9 +21,12 @@ from nnunetv2_gtv.network import (
     AttentionModule,
     GTV25DUNet,
     ProjectExcite,
+    SliceConv3d,
+    SliceConvTranspose3d,
     default_arch_kwargs,
     plans_architecture,
 )
+from nnunetv2_gtv.network.reference import reference_copy
 
 
 @pytest.fixture(autouse=True)
@@ -289,3 +292,52 @@ def test_default_arch_kwargs_are_json_serialisable_and_match_constructor_default
     plain = GTV25DUNet(1, 2)
     assert [tuple(p.shape) for p in from_plans.parameters()] == [tuple(p.shape) for p in plain.parameters()]
     assert str(from_plans) == str(plain)
+
+
+@pytest.mark.parametrize("options", [{}, {"attention": "ag"}, {"attention": "none", "project_excite": False},
+                                     {"kernel_pattern": "3d", "attention": "none", "project_excite": False}])
+def test_fast_cpu_path_computes_the_reference_network(options):
+    """Slice-folded convolutions and the factored PE equal the direct formulation: in float64 to round-off
+    (outputs and every gradient, training mode), in float32 within float32 round-off (outputs); state dicts are
+    shared."""
+    torch.manual_seed(0)
+    network = GTV25DUNet(1, 2, **default_arch_kwargs(**options))
+    network.apply(GTV25DUNet.initialize)
+    assert any(isinstance(m, SliceConv3d) for m in network.modules())
+    x = torch.randn(2, 1, 8, 32, 32, dtype=torch.float64)
+    fast = network.double().train()
+    reference = reference_copy(fast)
+    assert not any(isinstance(m, (SliceConv3d, SliceConvTranspose3d)) for m in reference.modules())
+    out_fast, out_reference = fast(x), reference(x)
+    assert out_fast.is_contiguous()
+    assert (out_fast - out_reference).abs().max() <= 1e-10 * out_reference.abs().max()
+    out_fast.square().mean().backward()
+    out_reference.square().mean().backward()
+    grads = [(p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters()) if q.grad is not None]
+    scale = max(q.abs().max() for _, q in grads)
+    assert max((p - q).abs().max() for p, q in grads) <= 1e-10 * scale
+    fast, reference = fast.float(), reference.float()
+    for mode in ("train", "eval"):
+        out_fast, out_reference = getattr(fast, mode)()(x.float()), getattr(reference, mode)()(x.float())
+        assert (out_fast - out_reference).abs().max() <= 1e-4 * out_reference.abs().max()
+    # a checkpoint of the direct formulation loads into the fast one unchanged
+    assert reference.state_dict().keys() == network.state_dict().keys()
+    network.load_state_dict(reference.state_dict())
+
+
+def test_slice_conv_folds_only_convolutions_that_keep_slices_apart():
+    assert SliceConv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))._folds()
+    assert SliceConv3d(4, 4, 1)._folds()
+    assert SliceConv3d(4, 4, (1, 3, 3), padding="same")._folds()
+    assert not SliceConv3d(4, 4, (3, 3, 3), padding=1)._folds()
+    assert not SliceConv3d(4, 4, (1, 3, 3), padding=(1, 1, 1))._folds()
+    assert not SliceConv3d(4, 4, (1, 3, 3), stride=(2, 1, 1))._folds()
+    assert SliceConvTranspose3d(4, 4, (1, 2, 2), stride=(1, 2, 2))._folds()
+    assert not SliceConvTranspose3d(4, 4, (2, 2, 2), stride=(2, 2, 2))._folds()
+    torch.manual_seed(0)
+    for fast in (SliceConv3d(3, 5, (1, 3, 3), padding=(0, 1, 1), stride=(1, 2, 2)),
+                 SliceConvTranspose3d(3, 5, (1, 2, 2), stride=(1, 2, 2))):
+        x = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+        fast = fast.double()
+        plain = nn.Conv3d if isinstance(fast, SliceConv3d) else nn.ConvTranspose3d
+        assert torch.allclose(fast(x), plain.forward(fast, x), atol=1e-12)

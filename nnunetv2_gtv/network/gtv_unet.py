@@ -23,7 +23,7 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Sta
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from nnunetv2_gtv.network.blocks import AttentionGate, AttentionModule, ProjectExcite, UpsampleBlock
+from nnunetv2_gtv.network.blocks import AttentionGate, AttentionModule, ProjectExcite, SliceConv3d, UpsampleBlock
 
 NETWORK_CLASS_PATH = "nnunetv2_gtv.network.gtv_unet.GTV25DUNet"
 KW_REQUIRES_IMPORT = ("norm_op", "nonlin")
@@ -124,7 +124,7 @@ class _EncoderStage(nn.Module):
         self.attention = AttentionModule(channels=in_channels) if attention else nn.Identity()
         self.project_excite = (ProjectExcite(channels=in_channels, reduction=pe_reduction) if project_excite
                                else nn.Identity())
-        self.convs = StackedConvBlocks(CONVS_PER_BLOCK, nn.Conv3d, in_channels, out_channels, list(kernel_size), 1,
+        self.convs = StackedConvBlocks(CONVS_PER_BLOCK, SliceConv3d, in_channels, out_channels, list(kernel_size), 1,
                                        **conv_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class _DecoderStage(nn.Module):
         self.attention = AttentionModule(channels=2 * channels) if attention == "am" else nn.Identity()
         self.project_excite = (ProjectExcite(channels=2 * channels, reduction=pe_reduction) if project_excite
                                else nn.Identity())
-        self.convs = StackedConvBlocks(CONVS_PER_BLOCK, nn.Conv3d, 2 * channels, channels, list(kernel_size), 1,
+        self.convs = StackedConvBlocks(CONVS_PER_BLOCK, SliceConv3d, 2 * channels, channels, list(kernel_size), 1,
                                        **conv_kwargs)
 
     def forward(self, below: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -245,7 +245,7 @@ class GTV25DUNet(nn.Module):
             for s in decoder_levels
         ]
         seg_layers = [
-            nn.Conv3d(features_per_stage[s], num_classes, kernel_size=tuple(kernel_sizes[0]) if s == 0 else 1,
+            SliceConv3d(features_per_stage[s], num_classes, kernel_size=tuple(kernel_sizes[0]) if s == 0 else 1,
                       padding="same")
             for s in decoder_levels
         ]
@@ -280,7 +280,11 @@ class GTV25DUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             self._check_input(x)
-        return self.decoder(self.encoder(x))
+        # the slice-folding convolutions leave tensors in channels_last_3d memory; hand out ordinary tensors
+        outputs = self.decoder(self.encoder(x))
+        if isinstance(outputs, list):
+            return [output.contiguous() for output in outputs]
+        return outputs.contiguous()
 
     @staticmethod
     def initialize(module: nn.Module) -> None:
