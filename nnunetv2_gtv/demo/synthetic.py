@@ -6,7 +6,10 @@ in the world, only stored in another voxel order, which is what orientation hand
 
 Along the superior axis (LPS +z) the scan holds, from bottom to top: shoulders, neck, head. The head has
 a skull shell, the neck a spine and an airway that widens into the nasopharynx; the GTV (label 1) is a
-small, low-contrast blob on the posterior nasopharynx wall; unlabeled GTV-like nodes sit lower in the neck.
+low-contrast tumour of realistic size (5-60 ml) and irregular outline on the posterior-lateral nasopharynx wall,
+invading the airway and the neighbouring soft tissue; unlabeled GTV-like nodes sit lower in the neck. The anatomy
+scales with the field of view, the tumour does not (it is sized in mm): use a realistic field of view (about
+200-250 mm, e.g. ``--size 128 --in-plane-mm 1.6 1.9``) for realistic proportions.
 
 Run ``gtv-synthetic --help`` (or ``python -m nnunetv2_gtv.demo.synthetic --help``).
 """
@@ -33,6 +36,9 @@ GTV_HU = 65.0
 BONE_HU = 1100.0
 SPINE_HU = 700.0
 NOISE_SD_HU = 12.0
+
+# Range (ml) of the GTV volumes drawn by tumour_volume_ml
+TUMOUR_VOLUME_ML = (5.0, 60.0)
 
 # Fractions of the superior-inferior extent (0 = bottom slice, 1 = top slice) where regions begin.
 NECK_START = 0.28
@@ -75,6 +81,47 @@ class CaseGeometry:
 
 def _ellipse(x: np.ndarray, y: np.ndarray, cx, cy, rx, ry) -> np.ndarray:
     return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def tumour_volume_ml(rng: np.random.Generator) -> float:
+    """Target GTV volume: log-uniform between 5 and 60 ml, the range of most primary NPC GTVs."""
+    return float(np.exp(rng.uniform(np.log(TUMOUR_VOLUME_ML[0]), np.log(TUMOUR_VOLUME_ML[1]))))
+
+
+def render_tumour(wx: np.ndarray, wy: np.ndarray, wz: np.ndarray, centre_mm: tuple[float, float, float],
+                  side: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean (z, y, x) mask of an irregular tumour in physical size around ``centre_mm`` (world x, y, z).
+
+    A main ellipsoid of random anisotropy whose surface is modulated by low-frequency random waves (an
+    irregular outline), plus two or three lobes reaching into the neighbours of the nasopharynx: forward
+    into the airway, up towards the skull base, sideways into the parapharyngeal space (towards ``side``) or
+    back towards the prevertebral muscles. The volume is set by :func:`tumour_volume_ml` before the lobes and
+    the clipping to soft tissue, so the rendered volume scatters around it (documented in the README).
+    """
+    dx = (wx - centre_mm[0])[None, None, :]
+    dy = (wy - centre_mm[1])[None, :, None]
+    dz = (wz - centre_mm[2])[:, None, None]
+    radius = (3 * tumour_volume_ml(rng) * 1000 / (4 * np.pi)) ** (1 / 3)  # mm, sphere of the target volume
+    stretch = np.exp(rng.normal(0, 0.15, size=3))
+    stretch[2] *= 0.85  # a little flatter along z than in-plane, as NPC GTVs on 3 mm CT
+    ax, ay, az = radius * stretch / np.prod(stretch) ** (1 / 3)
+    distance = np.sqrt((dx / ax) ** 2 + (dy / ay) ** 2 + (dz / az) ** 2)
+    waves = np.zeros(np.broadcast_shapes(dx.shape, dy.shape, dz.shape), dtype=np.float32)
+    for _ in range(4):
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        wavelength = radius * rng.uniform(1.2, 2.5)
+        phase = rng.uniform(0, 2 * np.pi)
+        waves += np.cos(2 * np.pi * (direction[0] * dx + direction[1] * dy + direction[2] * dz) / wavelength + phase)
+    mask = distance <= 1.0 + 0.08 * waves
+    lobe_directions = {"airway": (0.0, -1.0, 0.2), "skull base": (0.0, 0.1, 1.0),
+                       "parapharyngeal": (side, 0.2, 0.0), "prevertebral": (0.0, 1.0, -0.3)}
+    for name in rng.choice(list(lobe_directions), size=int(rng.integers(2, 4)), replace=False):
+        direction = np.asarray(lobe_directions[name]) / np.linalg.norm(lobe_directions[name])
+        offset = direction * radius * rng.uniform(0.7, 1.0)
+        lobe_radius = radius * rng.uniform(0.35, 0.55)
+        mask |= ((dx - offset[0]) ** 2 + (dy - offset[1]) ** 2 + (dz - offset[2]) ** 2) <= lobe_radius ** 2
+    return mask
 
 
 def render_case(geometry: CaseGeometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -131,16 +178,12 @@ def render_case(geometry: CaseGeometry, rng: np.random.Generator) -> tuple[np.nd
     nasal_cavity = (s >= HEAD_START + 0.04) & (s < HEAD_START + 0.2) & _ellipse(u, v, 0, -0.3, 0.1, 0.18)
     image[airway | nasopharynx | nasal_cavity] = AIR_HU
 
-    # GTV on the posterior (and one lateral) wall of the nasopharynx: low contrast against soft tissue
+    # GTV: an irregular tumour of realistic volume on the posterior-lateral nasopharynx wall (see render_tumour)
     side = rng.choice([-1.0, 1.0])
-    gtv_centre = (side * rng.uniform(0.04, 0.1), 0.1 + rng.uniform(-0.01, 0.02), HEAD_START + 0.07)
-    gtv_radius = np.array([0.11, 0.08, 0.06]) * jitter(0.2)
-    gtv = (
-        ((u - gtv_centre[0]) / gtv_radius[0]) ** 2
-        + ((v - gtv_centre[1]) / gtv_radius[1]) ** 2
-        + ((s - gtv_centre[2]) / gtv_radius[2]) ** 2
-    ) <= 1.0
-    gtv &= body & ~nasopharynx & ~(image >= SPINE_HU)
+    centre = (side * rng.uniform(0.04, 0.1) * half_x, (0.1 + rng.uniform(-0.01, 0.02)) * half_y,
+              z_lo + (HEAD_START + 0.09) * (z_hi - z_lo))
+    gtv = render_tumour(wx, wy, wz, centre, side, rng)
+    gtv &= body & (image < SPINE_HU)  # grows into the airway and soft tissue, not into bone
     image[gtv] = GTV_HU
 
     # GTV-like lymph nodes in the neck, not labelled
@@ -253,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-test", type=int, default=2, help="cases written to imagesTs/labelsTs")
     parser.add_argument("--size", type=int, default=96, help="in-plane size in voxels (up to 512)")
     parser.add_argument("--slices", type=int, default=40, help="approximate number of slices (varies by 10 %%)")
+    parser.add_argument("--in-plane-mm", type=float, nargs=2, default=(0.8, 1.2), metavar=("MIN", "MAX"),
+                        help="range of the in-plane spacing (mm), drawn per case; size x spacing is the field of view")
+    parser.add_argument("--slice-mm", type=float, nargs=2, default=(2.5, 3.5), metavar=("MIN", "MAX"),
+                        help="range of the slice spacing (mm), drawn per case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--orientations", choices=["identity", "mixed"], default="identity",
                         help="mixed: cycle identity, flipped superior axis and flipped in-plane axes")
@@ -262,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no output folder: pass -o or set nnUNet_raw")
     try:
         path = write_dataset(args.output, args.dataset_id, args.name, args.num_train, args.num_test, args.size,
-                             args.slices, args.seed, args.orientations, args.overwrite)
+                             args.slices, args.seed, args.orientations, args.overwrite, tuple(args.in_plane_mm),
+                             tuple(args.slice_mm))
     except (FileExistsError, ValueError) as err:
         print(f"gtv-synthetic: error: {err}", file=sys.stderr)
         return 2
