@@ -63,6 +63,9 @@ TRAINER_NAMES = (
     "nnUNetTrainerGTV25DLocal_smoke",
     "nnUNetTrainerGTV25DMiddle_smoke",
     "nnUNetTrainerGTV25DGlobal_smoke",
+    "nnUNetTrainerGTV25DLocal_cpu",
+    "nnUNetTrainerGTV25DMiddle_cpu",
+    "nnUNetTrainerGTV25DGlobal_cpu",
 )
 PLANNER_NAMES = ("nnUNetPlannerGTV25D",)
 
