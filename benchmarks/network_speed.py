@@ -1,11 +1,19 @@
-"""Speed and memory of GTV25DUNet vs nnU-Net's default 3d_fullres PlainConvUNet, on the CPU, in one run.
+"""Speed and memory of GTV25DUNet (fast CPU path and its direct reference formulation) vs nnU-Net's default
+3d_fullres PlainConvUNet, on the CPU, in one run, with the step's GFLOP and the machine's matmul floor.
 
 nnU-Net's network is the one its default planner (ExperimentPlanner, 3d_fullres) plans for a synthetic
 dataset written with ``nnunetv2_gtv.demo.synthetic.write_dataset`` into a temporary folder. Every row is
 measured in a fresh subprocess (``--worker``) so its memory figures are its own:
 
 * fwd+bwd: wall time of one training step (forward, cross-entropy on random labels for every output,
-  backward; no optimizer step), after one untimed warm-up step. Deep supervision as each network trains.
+  backward, Adam step), after one untimed warm-up step. Deep supervision as each network trains.
+  GTV25DUNet is timed twice in the same process, alternating step by step: as shipped (slice-folded 2D
+  convolutions in channels_last memory, ``nnunetv2_gtv.network.blocks.SliceConv3d``) and as its direct
+  formulation (``nnunetv2_gtv.network.reference.reference_copy``: plain Conv3d, eq. 1-5 written out), the
+  implementation before the speed-up. The ratio of the two is robust to load; absolute times are not.
+* GFLOP: one training step of the reference as counted by ``torch.utils.flop_counter.FlopCounterMode``;
+  floor: those GFLOP at the float32 matmul rate measured in the same run (``torch.mm`` of 2048 x 2048) and
+  share of floor = floor / measured step time.
 * fwd/voxel: one forward pass in eval mode without gradients at the row's batch size, divided by the voxels
   in the batch.
 * peak RSS +: peak resident set size during the training steps minus the resident set size just before them
@@ -13,7 +21,7 @@ measured in a fresh subprocess (``--worker``) so its memory figures are its own:
   reset through /proc/self/clear_refs first, so import-time peaks do not hide it. It counts every allocation
   torch makes on the CPU, not only tensors.
 
-Run: ``python benchmarks/network_speed.py`` (about 3-4 minutes on 2 cores).
+Run: ``python benchmarks/network_speed.py`` (about 5 minutes on 2 quiet cores).
 """
 from __future__ import annotations
 
@@ -44,45 +52,74 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
 
 
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """float32 matrix-multiply rate of this machine (best of ``repeats``), GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def run_worker(spec: dict) -> dict:
-    """Build one network from a plans-style spec and time it; runs inside its own process."""
+    """Build one network from a plans-style spec and time it; runs inside its own process. With
+    ``compare_reference`` the direct formulation of the same network is timed too, alternating step by step."""
     import torch
     import torch.nn.functional as F
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunetv2_gtv.network.reference import reference_copy
 
     torch.manual_seed(0)
     net = get_network_from_plans(spec["network_class_name"], spec["arch_kwargs"], spec["_kw_requires_import"],
                                  input_channels=1, output_channels=2, deep_supervision=spec["deep_supervision"])
     x = torch.randn(spec["batch_size"], 1, *spec["patch_size"])
+    networks = {"shipped": net}
+    if spec.get("compare_reference"):
+        networks["reference"] = reference_copy(net)
 
-    def train_step() -> float:
-        start = time.perf_counter()
-        net.zero_grad(set_to_none=True)
-        outputs = net(x)
+    def train_step(network, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        outputs = network(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         loss = sum(F.cross_entropy(o, torch.randint(0, 2, (o.shape[0], *o.shape[2:]))) for o in outputs)
         loss.backward()
-        return time.perf_counter() - start
+        optimizer.step()
 
-    net.train()
-    _reset_peak_rss()
-    rss_before = _proc_status_mib("VmRSS")
-    train_step()
-    step_times = [train_step() for _ in range(spec["repeats"])]
-    rss_peak = _proc_status_mib("VmHWM")
-
-    net.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        net(x)
-        forward_time = time.perf_counter() - start
+    optimizers = {name: torch.optim.Adam(network.parameters(), lr=1e-4) for name, network in networks.items()}
+    results = {name: {"step_times": [], "peak_rss_increase_mib": 0.0} for name in networks}
+    for name, network in networks.items():
+        network.train()
+        train_step(network, optimizers[name])  # warm-up
+    for _ in range(spec["repeats"]):
+        for name, network in networks.items():
+            _reset_peak_rss()
+            rss_before = _proc_status_mib("VmRSS")
+            results[name]["step_times"].append(_timed(lambda: train_step(network, optimizers[name])))
+            increase = _proc_status_mib("VmHWM") - rss_before
+            results[name]["peak_rss_increase_mib"] = max(results[name]["peak_rss_increase_mib"], increase)
+    for name, network in networks.items():
+        network.eval()
+        with torch.no_grad():
+            results[name]["forward_ns_per_voxel"] = _timed(lambda: network(x)) / x[:, 0].numel() * 1e9
+        results[name]["peak_rss_mib"] = _proc_status_mib("VmHWM")
+    counted = networks.get("reference", net).train()
+    with FlopCounterMode(display=False) as counter:
+        train_step(counted, optimizers["reference" if "reference" in networks else "shipped"])
     return {
         "parameters": sum(p.numel() for p in net.parameters()),
-        "step_times": step_times,
-        "forward_ns_per_voxel": forward_time / x[:, 0].numel() * 1e9,
-        "peak_rss_increase_mib": rss_peak - rss_before,
-        "peak_rss_mib": rss_peak,
+        "gflop_per_step": counter.get_total_flops() / 1e9,
+        "matmul_gflops": matmul_gflops(),
         "torch_threads": torch.get_num_threads(),
+        "implementations": results,
     }
 
 
@@ -119,13 +156,32 @@ def plan_default_nnunet(workdir: Path, in_plane_size: int, num_slices: int) -> d
     }
 
 
-def _row(name: str, spec: dict, result: dict) -> str:
-    steps = result["step_times"]
+def _row(name: str, spec: dict, result: dict, implementation: str = "shipped") -> str:
+    measured = result["implementations"][implementation]
+    steps = measured["step_times"]
+    mean = sum(steps) / len(steps)
+    floor = result["gflop_per_step"] / result["matmul_gflops"]
     patch = "x".join(str(s) for s in spec["patch_size"])
     return (f"| {name} | {result['parameters'] / 1e6:.2f} M | {patch} | {spec['batch_size']} | "
-            f"{'on' if spec['deep_supervision'] else 'off'} | {sum(steps) / len(steps):.2f} "
-            f"({', '.join(f'{t:.2f}' for t in steps)}) | {result['forward_ns_per_voxel']:.0f} | "
-            f"{result['peak_rss_increase_mib']:.0f} | {result['peak_rss_mib']:.0f} |")
+            f"{'on' if spec['deep_supervision'] else 'off'} | {mean:.2f} ({', '.join(f'{t:.2f}' for t in steps)}) | "
+            f"{result['gflop_per_step']:.0f} | {floor:.2f} ({100 * floor / mean:.0f} %) | "
+            f"{measured['forward_ns_per_voxel']:.0f} | {measured['peak_rss_increase_mib']:.0f} | "
+            f"{measured['peak_rss_mib']:.0f} |")
+
+
+def cpu_description() -> str:
+    """CPU model and whether it has native bfloat16 (AVX512-BF16 / AMX), the two kinds of CPU this project meets."""
+    flags, model = set(), platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    kind = ("AVX-512 with native bfloat16" if {"avx512_bf16", "amx_bf16"} & flags
+            else "AVX-512, no native bfloat16" if any(f.startswith("avx512") for f in flags) else "no AVX-512")
+    return f"{model} ({kind})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,24 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     ours = plans_architecture()
     for batch in OUR_BATCHES:
         spec = {**ours, "patch_size": OUR_PATCH, "batch_size": batch, "deep_supervision": False,
-                "repeats": args.repeats}
-        print(f"measuring GTV25DUNet at batch {batch} ...", file=sys.stderr)
-        rows.append(("GTV25DUNet (AM+PE, paper)", spec, _measure_in_subprocess(spec)))
+                "repeats": args.repeats, "compare_reference": True}
+        print(f"measuring GTV25DUNet at batch {batch} (shipped and reference, alternating) ...", file=sys.stderr)
+        result = _measure_in_subprocess(spec)
+        rows.append(("GTV25DUNet, direct formulation (before)", spec, result, "reference"))
+        rows.append(("GTV25DUNet, as shipped (slice-folded)", spec, result, "shipped"))
     spec = {**nnunet, "deep_supervision": True, "repeats": args.nnunet_repeats}
     print("measuring nnU-Net's default PlainConvUNet ...", file=sys.stderr)
     rows.append(("nnU-Net 3d_fullres " + nnunet["network_class_name"].rsplit(".", 1)[-1], spec,
-                 _measure_in_subprocess(spec)))
+                 _measure_in_subprocess(spec), "shipped"))
 
     threads = rows[0][2]["torch_threads"]
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU, "
-          f"torch threads {threads}; 1-min load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} "
-          f"at the end (other processes share the cores). Synthetic data median shape {nnunet['median_shape']} "
-          f"(z, y, x).")
-    print("| network | params | patch (z,y,x) | batch | deep sup. | fwd+bwd s/step, mean (each) | "
-          "fwd ns/voxel | peak RSS + MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, spec, result in rows:
-        print(_row(name, spec, result))
+    print(f"\nMachine: {cpu_description()}, {os.cpu_count()} CPU cores, no GPU, torch threads {threads}; "
+          f"float32 matmul {rows[0][2]['matmul_gflops']:.0f} GFLOP/s; 1-min load average {load_before:.1f} at the "
+          f"start, {os.getloadavg()[0]:.1f} at the end (other processes share the cores). Synthetic data median "
+          f"shape {nnunet['median_shape']} (z, y, x).")
+    print("| network | params | patch (z,y,x) | batch | deep sup. | train step s, mean (each) | GFLOP/step | "
+          "floor s (share) | fwd ns/voxel | peak RSS + MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, spec, result, implementation in rows:
+        print(_row(name, spec, result, implementation))
+    for name, spec, result, implementation in rows:
+        if implementation == "shipped" and "reference" in result["implementations"]:
+            before = result["implementations"]["reference"]["step_times"]
+            after = result["implementations"]["shipped"]["step_times"]
+            print(f"batch {spec['batch_size']}: shipped / direct = {sum(before) / sum(after):.2f}x faster "
+                  f"(same process, alternating steps)")
     print(f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.")
     return 0
 
