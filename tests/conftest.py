@@ -20,6 +20,7 @@ def clean_env(**extra: str) -> dict:
     env = {key: value for key, value in os.environ.items() if not key.startswith("nnUNet")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("nnUNet_def_n_proc", "1")  # nnU-Net's export pools default to 8 workers of ~0.9 GiB
     env.update(extra)
     return env
 
