@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
+from scipy import ndimage
 
 from nnunetv2_gtv.cli.review import main
 from nnunetv2_gtv.demo.ensemble_outputs import write_ensemble_outputs
@@ -82,9 +83,20 @@ def test_case_view_is_radiological_and_starts_at_the_most_uncertain_gtv_slices(o
     stored = np.argwhere(store(marker))[0]
     for axis in view["file_axes"]:
         d = view["file_axes"].index(axis)
-        display = axis["offset"] + view["start"][d]
+        display = axis["offset"] + view["start"][d] * axis["step"]
         assert stored["kji".index(axis["letter"])] == (display if axis["sign"] > 0 else axis["n"] - 1 - display)
     assert view["cropped_to"] == "fused GTV" and REVIEW_MARGIN_MM == 30.0
+
+
+def test_a_box_wider_than_the_limit_is_subsampled_in_plane_but_counted_in_full():
+    gtv = np.zeros((4, 300, 290), bool)
+    gtv[1:3, 5:295, 5:285] = True
+    entropy = np.where(gtv, 0.45, 0).astype(np.float32)
+    view = case_view(None, gtv, entropy, (3.0, 1.0, 1.0), IDENTITY)
+    assert view["step"] == 2 and view["shape"] == [4, 150, 145] and view["spacing"] == [3.0, 2.0, 2.0]
+    assert view["ct"] is None and sum(level["inside"] + level["border"] for level in view["levels"]) == \
+        np.count_nonzero(ndimage.binary_dilation(gtv))
+    assert [axis["step"] for axis in view["file_axes"]] == [1, 2, 2]
 
 
 def test_mosaic_tiles_slices_row_by_row():

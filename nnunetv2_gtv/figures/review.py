@@ -40,6 +40,7 @@ REVIEW_MARGIN_MM = 30.0
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 ENTROPY_DECIMALS = 4  # levels as in gtv-evaluate's error-rate table
 THUMBNAIL_WIDTH_PX = 112
+MAX_PLANE_VOXELS = 256  # in-plane size of the stored box; larger boxes are subsampled
 OUTLINE_RGB = (255, 40, 40)
 IJK = "kji"  # file index letter of array axis 0, 1, 2 (SimpleITK arrays are (k, j, i))
 
@@ -114,36 +115,39 @@ def case_view(ct: np.ndarray | None, gtv: np.ndarray, entropy: np.ndarray, spaci
               direction: tuple[float, ...]) -> dict:
     """The viewer's data for one case from (z, y, x) arrays of the file and its direction."""
     frame = DisplayFrame.from_direction(direction)
-    spacing = frame.spacing(spacing_zyx)
+    spacing = list(frame.spacing(spacing_zyx))
     gtv_display, entropy_display = frame.volume(gtv > 0), frame.volume(entropy)
     cropped_to = "fused GTV" if gtv_display.any() else "entropy > 0" if (entropy_display > 0).any() else "none"
     crop = crop_box(gtv_display if gtv_display.any() else entropy_display > 0, spacing, REVIEW_MARGIN_MM)
     box_gtv = np.ascontiguousarray(gtv_display[crop])
     box_entropy = np.ascontiguousarray(entropy_display[crop], dtype=np.float32)
+    levels, start = level_counts(box_entropy, box_gtv), start_slices(box_gtv, box_entropy > 0)
+    # a box wider than MAX_PLANE_VOXELS (a GTV spread over the image) is shown at every step-th voxel in-plane
+    step = max(1, math.ceil(max(box_gtv.shape[1:]) / MAX_PLANE_VOXELS))
+    thin = (slice(None), slice(None, None, step), slice(None, None, step))
+    box_gtv, box_entropy = box_gtv[thin], box_entropy[thin]
+    start = [start[0], start[1] // step, start[2] // step]
+    spacing[1:] = [s * step for s in spacing[1:]]
     scale = float(box_entropy.max())
     codes = np.zeros(box_entropy.shape, np.uint8)
     if scale > 0:
         codes = np.clip(np.rint(box_entropy * (255.0 / scale)), 1, 255).astype(np.uint8) * (box_entropy > 0)
-    grey = None if ct is None else window_to_uint8(frame.volume(ct)[crop], SOFT_TISSUE_WINDOW)
-    start = start_slices(box_gtv, box_entropy > 0)
+    grey = None if ct is None else window_to_uint8(frame.volume(ct)[crop][thin], SOFT_TISSUE_WINDOW)
     slices, rows, cols = box_gtv.shape
     columns = max(1, round(math.sqrt(slices * rows / cols)))
-    table = colour_table(ENTROPY_CMAP)
     thumb = compose_rgb(np.zeros((rows, cols), np.uint8) if grey is None else grey[start[0]], codes[start[0]],
-                        table, ENTROPY_ALPHA, box_gtv[start[0]], OUTLINE_RGB)
-    height_mm, width_mm = rows * spacing[1], cols * spacing[2]
-    thumb_size = (THUMBNAIL_WIDTH_PX, max(1, round(THUMBNAIL_WIDTH_PX * height_mm / width_mm)))
-    offsets = [box.start for box in crop]
+                        colour_table(ENTROPY_CMAP), ENTROPY_ALPHA, box_gtv[start[0]], OUTLINE_RGB)
+    thumb_size = (THUMBNAIL_WIDTH_PX, max(1, round(THUMBNAIL_WIDTH_PX * rows * spacing[1] / (cols * spacing[2]))))
     return {
-        "shape": [slices, rows, cols], "spacing": list(spacing), "columns": columns,
+        "shape": [slices, rows, cols], "spacing": spacing, "columns": columns, "step": step,
         "ct": None if grey is None else _png_uri(mosaic(grey, columns)),
         "entropy": _png_uri(mosaic(codes, columns)), "gtv": _png_uri(mosaic(box_gtv, columns)),
-        "entropy_scale": scale, "entropy_max": float(np.max(entropy)), "start": start,
-        "levels": level_counts(box_entropy, box_gtv), "cropped_to": cropped_to,
+        "entropy_scale": scale, "entropy_max": float(np.max(entropy)), "start": start, "levels": levels,
+        "cropped_to": cropped_to,
         "thumbnail": _png_uri(np.asarray(Image.fromarray(thumb).resize(thumb_size, Image.LANCZOS))),
-        # file index of display slice t along display axis d: offset + t, or n - 1 - (offset + t) when reversed
-        "file_axes": [{"letter": IJK[a], "offset": offsets[d], "sign": frame.signs[d], "n": gtv.shape[a]}
-                      for d, a in enumerate(frame.order)],
+        # file index of display slice t along display axis d: offset + t * step, reversed when sign < 0
+        "file_axes": [{"letter": IJK[a], "offset": crop[d].start, "step": 1 if d == 0 else step,
+                       "sign": frame.signs[d], "n": gtv.shape[a]} for d, a in enumerate(frame.order)],
     }
 
 

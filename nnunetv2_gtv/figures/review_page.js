@@ -154,7 +154,7 @@ function drawView(k) {
   if (layers.gtv) drawOutline(ctx, mask, w, h, W / w, H / h);
   drawEdges(ctx, view.edges, W, H);
   drawScaleBar(ctx, W, H);
-  const axis = v.file_axes[view.fixed], display = axis.offset + t;
+  const axis = v.file_axes[view.fixed], display = axis.offset + t * axis.step;
   const fileIndex = axis.sign > 0 ? display : axis.n - 1 - display;
   panel.label.textContent = `${view.name} ${t + 1}/${shape[view.fixed]} (file ${axis.letter} = ${fileIndex})`;
   panel.slider.value = String(t);
@@ -259,7 +259,7 @@ function buildLegend() {
   legend.replaceChildren(`entropy (nats, shown where > 0) 0`, bar, `${fmt(v.entropy_scale, 3)};`,
     ` fused GTV outline in ${DATA.outline_colour}; box around the ${v.cropped_to} ` +
     `(${v.shape.map((n, d) => (n * v.spacing[d]).toFixed(0)).join(" x ")} mm S x P x L)` +
-    (v.ct ? "" : "; no CT"));
+    (v.step > 1 ? `; in-plane subsampled by ${v.step} (a wide box)` : "") + (v.ct ? "" : "; no CT"));
 }
 
 function buildLevels() {
