@@ -48,7 +48,7 @@ def write_cases(folder: Path, size: int, slices: int, cases: int) -> tuple[Path,
 
 
 def screenshot(page: Path, target: Path) -> None:
-    """The page as opened from disk in headless Chromium, 1200 px wide, in 128 colours."""
+    """The page as opened from disk in headless Chromium, 1200 px wide, in 256 colours."""
     import io
 
     from PIL import Image
@@ -61,7 +61,7 @@ def screenshot(page: Path, target: Path) -> None:
         tab.wait_for_selector("body[data-shown]")
         picture = tab.screenshot(full_page=True)
         browser.close()
-    Image.open(io.BytesIO(picture)).convert("RGB").quantize(colors=128).save(target, optimize=True)
+    Image.open(io.BytesIO(picture)).convert("RGB").quantize(colors=256).save(target, optimize=True)
 
 
 def main() -> int:
