@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from nnunetv2_gtv.cli.common import fail, list_failures
 from nnunetv2_gtv.figures.review import PAGE_NAME, ReviewInputError, write_review
 
 PROG = "gtv-review"
@@ -24,23 +25,16 @@ def review(fused: Path, output: Path, images: Mapping[str, Path] | Path | None, 
     try:
         page, reviews = write_review(fused, output, images)
     except ReviewInputError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
+        return fail(prog, str(error))
     except OSError as error:
-        print(f"{prog}: error: cannot write the review page to {output}: {error}", file=sys.stderr)
-        return 2
-    broken = [r for r in reviews if r.error]
+        return fail(prog, f"cannot write the review page to {output}: {error}")
     flagged = sum(bool(r.row.get("review")) for r in reviews)
     print(f"{prog}: wrote {page} ({page.stat().st_size / 1e6:.2f} MB): {len(reviews)} cases, {flagged} flagged")
     for r in reviews:
         for note in r.notes:
             print(f"{prog}: warning: {r.case}: {note}", file=sys.stderr)
-    if broken:
-        print(f"{prog}: error: {len(broken)} case(s) cannot be shown (marked on the page):", file=sys.stderr)
-        for r in broken:
-            print(f"  {r.case}: {r.error}", file=sys.stderr)
-        return 1
-    return 0
+    return list_failures(prog, "cannot be shown (marked on the page)",
+                         [f"{r.case}: {r.error}" for r in reviews if r.error])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
