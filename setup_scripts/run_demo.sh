@@ -39,7 +39,7 @@ gtv-evaluate -p "$WORK/fused" -r "$RAW/labelsTs" --images "$RAW/imagesTs"
 
 step "7/7 gtv-predict: the same three models from the CTs in one command (one preprocessing, fused in memory)"
 gtv-predict -i "$RAW/imagesTs" -o "$WORK/fused_gtv_predict" -d $DATASET_ID -m Local:0 Middle:0 Global:0 \
-  -tr_suffix _smoke -device cpu
+  -tr_suffix _smoke -device cpu --review
 
 step "done. Results:"
 echo "  trained models:        $nnUNet_results/Dataset${DATASET_ID}_SyntheticGTV/"
@@ -47,3 +47,4 @@ echo "  per-model predictions: $WORK/predictions/{Local,Middle,Global}/"
 echo "  fused GTV + entropy:   $WORK/fused/ (summary.csv)"
 echo "  evaluation report:     $WORK/fused/evaluation/report.md"
 echo "  gtv-predict outputs:   $WORK/fused_gtv_predict/"
+echo "  review page:           $WORK/fused_gtv_predict/review/review.html"

@@ -19,7 +19,7 @@ from nnunetv2_gtv.evaluation import uncertainty_analysis
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError, Volume, check_same_grid, detect_file_ending
 from nnunetv2_gtv.evaluation.metrics import compute_metrics, directed_surface_distances, summarise, surface
 from nnunetv2_gtv.evaluation.pipeline import EvaluationResult, EvaluationSettings
-from nnunetv2_gtv.evaluation.plots import overlay_views
+from nnunetv2_gtv.figures.overlay import overlay_views
 from nnunetv2_gtv.evaluation.report import build_summary, markdown
 from nnunetv2_gtv.evaluation.uncertainty_analysis import (
     LevelCount,

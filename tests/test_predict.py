@@ -90,10 +90,10 @@ def cts(test_ct, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def restricted_run(results, cts, tmp_path_factory) -> dict:
-    """Three models, regions on, each model's prediction saved, three cases exported by 2 processes."""
+    """Three models, regions on, each model's prediction saved, three cases exported by 2 processes, review page."""
     out = tmp_path_factory.mktemp("restricted") / "out"
     code, stdout, stderr = run(["-i", cts, "-o", out, *SMOKE, "-m", "Local:0", "Middle:0", "Global:0", *FAST,
-                                "--save-model-predictions", "-np", "2"])
+                                "--save-model-predictions", "-np", "2", "--review"])
     assert code == 0, stderr
     return {"out": out, "stdout": stdout, "stderr": stderr}
 
@@ -161,6 +161,14 @@ def test_model_predictions_are_nnunet_folders_that_gtv_uncertainty_fuses_identic
         ours = sitk.GetArrayFromImage(read(out / name))
         theirs = sitk.GetArrayFromImage(read(tmp_path / "fused" / name))
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_review_switch_writes_the_page_with_every_case_and_its_ct(restricted_run):
+    page = restricted_run["out"] / "review" / "review.html"
+    assert f"gtv-predict: wrote {page}" in restricted_run["stdout"]
+    data = json.loads(page.read_text().split('id="review-data">', 1)[1].split("</script>", 1)[0])
+    assert sorted(c["case"] for c in data["cases"]) == ["case_006", "flipped", "scaled"]
+    assert all(c["error"] is None and c["view"]["ct"] for c in data["cases"])  # NIfTI, NRRD and MHA outputs
 
 
 def test_non_ct_intensities_warn_but_run(restricted_run):

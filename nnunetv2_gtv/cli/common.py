@@ -113,9 +113,14 @@ def finish_run(prog: str, argv: Sequence[str] | None, output_folder: Path, rows:
     json_file, csv_file = write_summaries(output_folder, list(rows), num_models, header)
     print(f"{prog}: wrote {num_done} cases' segmentations and uncertainty maps to {output_folder}; "
           f"summary: {json_file.name}, {csv_file.name} ({len(rows)} cases)")
-    if failures:
-        print(f"{prog}: error: {len(failures)} case(s) failed:", file=sys.stderr)
-        for message in failures:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return list_failures(prog, "failed", failures)
+
+
+def list_failures(prog: str, what: str, messages: Sequence[str]) -> int:
+    """Print the case-level failures under one error line; returns exit code 1 if there are any, else 0."""
+    if not messages:
+        return 0
+    print(f"{prog}: error: {len(messages)} case(s) {what}:", file=sys.stderr)
+    for message in messages:
+        print(f"  {message}", file=sys.stderr)
+    return 1

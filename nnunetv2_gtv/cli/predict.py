@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
     fail, finish_run, fusion_settings_from_args, fusion_settings_record, open_output_folder
+from nnunetv2_gtv.cli.review import review
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import label_values
 from nnunetv2_gtv.inference.export import model_predictions_folder
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-model-predictions", action="store_true",
                      help="also write each model's own prediction (segmentation, .npz probabilities, .pkl) to "
                           "OUT/model_predictions/<trainer>__fold_<f>, as nnUNetv2_predict --save_probabilities does")
+    run.add_argument("--review", action="store_true",
+                     help="also write OUT/review/review.html, the review page of gtv-review with the CTs")
     run.add_argument("--disable_progress_bar", action="store_true")
     return parser
 
@@ -188,8 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
     if model_folders:
         print(f"{PROG}: each model's own predictions: {model_folders[0].parent}")
-    return finish_run(PROG, argv, output_folder, report.rows.values(), len(models), fingerprint, len(report.done),
+    code = finish_run(PROG, argv, output_folder, report.rows.values(), len(models), fingerprint, len(report.done),
                       report.failures)
+    if args.review:
+        code = max(code, review(output_folder, output_folder / "review", {c.case: c.path for c in cases}, PROG))
+    return code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from nnunetv2_gtv.evaluation.folders import (
     read_volume,
 )
 from nnunetv2_gtv.evaluation.metrics import compute_metrics
-from nnunetv2_gtv.evaluation.plots import Overlay, overlay_views
+from nnunetv2_gtv.figures.overlay import Overlay, overlay_views
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS, LevelCount, error_region, level_counts
 
 FUSED = "fused"

@@ -1,4 +1,4 @@
-"""The evaluation's PNG plots, and the per-case overlay of CT, contours and entropy.
+"""The evaluation's PNG plots (the per-case overlay of CT, contours and entropy is in ``nnunetv2_gtv.figures``).
 
 Figures are built with ``matplotlib.figure.Figure`` directly, which renders with the Agg canvas and never
 touches pyplot's global backend, so no display is needed and an interactive session is left alone.
@@ -6,25 +6,13 @@ touches pyplot's global backend, so no display is needed and an interactive sess
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from nnunetv2_gtv.evaluation.folders import atomic_output
-from nnunetv2_gtv.training.regions import array_axis_orientation
-
-HU_WINDOW = (-200.0, 700.0)
-FUSED_COLOUR = "red"
-REFERENCE_COLOUR = "lime"
-ENTROPY_CMAP = "plasma"
-ENTROPY_ALPHA = 0.55
-OVERLAY_DPI = 90
-CROP_MARGIN_MM = 40.0
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:
@@ -90,119 +78,3 @@ def dice_box_plot(dice_by_source: dict[str, list[float]], path: Path) -> None:
     axes.set_ylim(-0.02, 1.02)
     axes.set_title("Dice per case")
     _save(figure, path)
-
-
-# ---------------------------------------------------------------- per-case overlay
-
-
-@dataclass(frozen=True)
-class OverlayView:
-    """One 2D view as drawn: rows top to bottom, columns left to right; ``aspect`` = row / column spacing."""
-
-    name: str
-    ct: np.ndarray
-    fused: np.ndarray
-    reference: np.ndarray
-    entropy: np.ndarray | None
-    aspect: float
-    edges: tuple[str, str, str, str]  # anatomical side at the top, bottom, left and right edge
-
-
-@dataclass(frozen=True)
-class Overlay:
-    """The views of one case; ``centre_ijk`` is the voxel they pass through, as (i, j, k) index of the file."""
-
-    views: tuple[OverlayView, ...]
-    centre_ijk: tuple[int, int, int]
-    centred_on: str
-    entropy_max: float | None  # None: no entropy map
-
-
-def _centre(fused: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str]:
-    for mask, name in ((fused, "fused GTV"), (reference, "reference")):
-        if mask.any():
-            return np.rint(np.argwhere(mask).mean(axis=0)).astype(int), f"centre of the {name}"
-    return np.array(fused.shape) // 2, "volume centre (both masks empty)"
-
-
-def _crop(content: np.ndarray, spacing: Sequence[float]) -> tuple[slice, ...]:
-    """Bounding box of ``content`` grown by CROP_MARGIN_MM on each side (the whole volume if it is empty)."""
-    if not content.any():
-        return tuple(slice(None) for _ in content.shape)
-    box = []
-    for axis, (n, step) in enumerate(zip(content.shape, spacing)):
-        hits = np.flatnonzero(content.any(axis=tuple(a for a in range(content.ndim) if a != axis)))
-        margin = math.ceil(CROP_MARGIN_MM / step)
-        box.append(slice(max(0, hits[0] - margin), min(n, hits[-1] + 1 + margin)))
-    return tuple(box)
-
-
-def overlay_views(ct: np.ndarray, fused: np.ndarray, reference: np.ndarray, entropy: np.ndarray | None,
-                  spacing_zyx: Sequence[float], direction: Sequence[float]) -> Overlay:
-    """Axial and coronal planes through the fused GTV's centre (else the reference's, else the volume's).
-
-    The (z, y, x) arrays are reordered to (superior, posterior, left) axes, each index increasing towards
-    that side, using the file's direction; the planes are then cut in radiological convention: patient right
-    on the image left, anterior up in the axial view and superior up in the coronal view. They are cropped to
-    the masks and entropy > 0 plus CROP_MARGIN_MM.
-    """
-    orientation = array_axis_orientation(direction)
-    order = [next(a for a, (world, _) in enumerate(orientation) if world == w) for w in (2, 1, 0)]
-    flips = tuple(slice(None, None, orientation[a][1]) for a in order)
-    spacing = [spacing_zyx[a] for a in order]
-
-    def display(volume: np.ndarray) -> np.ndarray:
-        return np.transpose(volume, order)[flips]
-
-    centre, centred_on = _centre(display(fused), display(reference))
-    content = fused | reference if entropy is None else fused | reference | (entropy > 0)
-    crop = _crop(display(content), spacing)
-    s, p, _ = (int(c) - (box.start or 0) for c, box in zip(centre, crop))
-    cuts = (("axial", (s, slice(None), slice(None)), spacing[1] / spacing[2], ("A", "P", "R", "L")),
-            ("coronal", (slice(None, None, -1), p, slice(None)), spacing[0] / spacing[2], ("S", "I", "R", "L")))
-    volumes = [None if v is None else display(v)[crop] for v in (ct, fused, reference, entropy)]
-    views = tuple(OverlayView(name, *(None if v is None else np.asarray(v[cut], dtype=np.float32) for v in volumes),
-                              aspect, edges)
-                  for name, cut, aspect, edges in cuts)
-    centre_zyx = [0, 0, 0]
-    for c, axis in zip(centre, order):
-        centre_zyx[axis] = int(c) if orientation[axis][1] > 0 else fused.shape[axis] - 1 - int(c)
-    entropy_max = None if entropy is None else float(np.max(entropy))
-    return Overlay(views, tuple(centre_zyx[::-1]), centred_on, entropy_max)
-
-
-def _draw_view(axes: Axes, view: OverlayView, entropy_max: float | None):
-    """Draw one view; return the entropy image (for the colorbar) or None."""
-    axes.imshow(view.ct, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], aspect=view.aspect)
-    limits = axes.get_xlim(), axes.get_ylim()
-    heat = None
-    if view.entropy is not None and entropy_max:
-        heat = axes.imshow(np.ma.masked_less_equal(view.entropy, 0), cmap=ENTROPY_CMAP, vmin=0, vmax=entropy_max,
-                           alpha=ENTROPY_ALPHA, aspect=view.aspect, interpolation="nearest")
-    for mask, colour, style in ((view.reference, REFERENCE_COLOUR, "--"), (view.fused, FUSED_COLOUR, "-")):
-        if mask.any():
-            axes.contour(mask, levels=[0.5], colors=colour, linestyles=style, linewidths=1.2)
-    axes.set_xlim(*limits[0])
-    axes.set_ylim(*limits[1])
-    for text, (x, y) in zip(view.edges, ((0.5, 0.98), (0.5, 0.02), (0.02, 0.5), (0.98, 0.5))):
-        axes.text(x, y, text, transform=axes.transAxes, color="yellow", fontsize=9, ha="center", va="center")
-    axes.set_title(view.name, fontsize=10)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    return heat
-
-
-def overlay_plot(case: str, overlay: Overlay, path: Path) -> None:
-    """CT (window -200..700 HU), fused and reference contours and the entropy (where > 0) in each view."""
-    figure = Figure(figsize=(4.2 * len(overlay.views) + 1.2, 4.8), layout="constrained")
-    axes = figure.subplots(1, len(overlay.views))
-    heats = [_draw_view(ax, view, overlay.entropy_max) for ax, view in zip(axes, overlay.views)]
-    if heats[0] is not None:
-        figure.colorbar(heats[0], ax=list(axes), shrink=0.8, label="entropy (nats), shown where > 0")
-    handles = [Line2D([], [], color=FUSED_COLOUR, label="fused"),
-               Line2D([], [], color=REFERENCE_COLOUR, linestyle="--", label="reference")]
-    axes[0].legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.6)
-    entropy = "no entropy map" if overlay.entropy_max is None else f"entropy max {overlay.entropy_max:.3f}"
-    figure.suptitle(f"{case}: through the {overlay.centred_on}, voxel (i, j, k) = {overlay.centre_ijk}; "
-                    f"{entropy}", fontsize=9)
-    _save(figure, path, dpi=OVERLAY_DPI)

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.evaluation import plots
+from nnunetv2_gtv.figures import overlay
 from nnunetv2_gtv.evaluation.folders import atomic_output
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise
 from nnunetv2_gtv.evaluation.pipeline import FUSED, EvaluationResult, EvaluationSettings
@@ -34,8 +35,8 @@ ERROR_RATE_PNG = "error_rate_per_level.png"
 VVC_PNG = "vvc_vs_1_minus_dice.png"
 DICE_PNG = "dice_per_case.png"
 OVERLAY_CAPTION = (
-    f"Per case: CT (window {plots.HU_WINDOW[0]:g} to {plots.HU_WINDOW[1]:g} HU), fused segmentation "
-    f"({plots.FUSED_COLOUR}), reference ({plots.REFERENCE_COLOUR}, dashed) and the entropy map where > 0 (heat "
+    f"Per case: CT (window {overlay.HU_WINDOW[0]:g} to {overlay.HU_WINDOW[1]:g} HU), fused segmentation "
+    f"({overlay.FUSED_COLOUR}), reference ({overlay.REFERENCE_COLOUR}, dashed) and the entropy map where > 0 (heat "
     "map), in an axial and a coronal view through the centre of the fused GTV (else of the reference, else of "
     "the volume); physical aspect ratio, patient right on the image left, anterior / superior up.")
 MANY_LEVELS = 20  # more distinct entropy values than N-model votes give in practice
@@ -257,8 +258,8 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
     plots.vvc_plot(vvc["one_minus_dice"], vvc["vvc"], vvc, output_dir / VVC_PNG)
     plots.dice_box_plot({source: [row["dice"] for row in _rows(result, source)] for source in _sources(result)},
                         output_dir / DICE_PNG)
-    for case, overlay in result.overlays.items():
-        plots.overlay_plot(case, overlay, output_dir / doc["overlays"][case])
+    for case, views in result.overlays.items():
+        overlay.overlay_plot(case, views, output_dir / doc["overlays"][case])
     with atomic_output(output_dir / REPORT_NAME) as tmp:
         tmp.write_text(markdown(doc))
     return [output_dir / name for name in (METRICS_CSV, ERROR_RATES_CSV, JSON_NAME, REPORT_NAME,

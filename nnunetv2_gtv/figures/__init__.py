@@ -1,0 +1,5 @@
+"""Pictures of the package, with one home for orienting and rendering slices.
+
+``slices``: display axes, radiological views, crops and slice rendering; ``regions``: the sampling-regions
+picture (gtv-regions); ``overlay``: gtv-evaluate's per-case overlays; ``review``: the review page (gtv-review).
+"""
