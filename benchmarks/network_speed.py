@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -169,21 +168,6 @@ def _row(name: str, spec: dict, result: dict, implementation: str = "shipped") -
             f"{measured['peak_rss_mib']:.0f} |")
 
 
-def cpu_description() -> str:
-    """CPU model and whether it has native bfloat16 (AVX512-BF16 / AMX), the two kinds of CPU this project meets."""
-    flags, model = set(), platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    kind = ("AVX-512 with native bfloat16" if {"avx512_bf16", "amx_bf16"} & flags
-            else "AVX-512, no native bfloat16" if any(f.startswith("avx512") for f in flags) else "no AVX-512")
-    return f"{model} ({kind})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps for our network")
@@ -196,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
+    from nnunetv2_gtv.inference.settings import cpu_description
     from nnunetv2_gtv.network import plans_architecture
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]

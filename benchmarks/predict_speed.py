@@ -51,6 +51,7 @@ from inference_settings import SCALES, Schedule, configure_environment, dice, nn
     plan_and_preprocess, synthetic_dataset, train  # noqa: E402
 
 from nnunetv2_gtv.inference.models import default_model_labels  # noqa: E402
+from nnunetv2_gtv.inference.settings import cpu_description  # noqa: E402
 
 NUM_MODELS = len(default_model_labels())
 SPEED_SCHEDULE = Schedule(epochs=1, iterations=20, batch=2)
@@ -290,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
           f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
 
-    print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs, "
-          f"load average after: "
+    print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs "
+          f"({cpu_description()}), load average after: "
           f"{os.getloadavg()}\n")
     print("| contender | models | s per case | how | peak memory GiB |\n|---|---|---|---|---|")
     for name, models, seconds, how, peak in rows:

@@ -1,50 +1,53 @@
 #!/usr/bin/env bash
 # The main job on an embedded default, CPU only: environment, install, register, synthetic dataset, then
-# nnU-Net's own commands to plan, preprocess, train the three sampling trainers briefly, predict, and our
-# commands to fuse with uncertainty, evaluate, and do prediction + fusion in one command (gtv-predict).
-# Takes about 15-20 minutes on 2 CPU cores.
+# nnU-Net's own commands to plan, preprocess and train the three sampling trainers (the `_cpu` recipe, a few
+# minutes each), our gtv-predict to segment the held-out test CTs with the three models fused, gtv-evaluate
+# against their labels, and the two-step path (nnUNetv2_predict per model, then gtv-uncertainty).
+# Takes about 20-25 minutes on 2 quiet CPU cores, environment set-up included.
 # GTV_WORK chooses the working folder (default: gtv_work in the repository root).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 START=$(date +%s)
 WORK="${GTV_WORK:-$REPO_ROOT/gtv_work}"
 DATASET_ID=990
 export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed" nnUNet_results="$WORK/nnUNet_results"
-export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# nnU-Net's process pools sized to a 2-core machine (its export pools default to 8 workers of ~0.9 GiB each)
+export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 step() { echo; echo "[demo $(( $(date +%s) - START ))s] $*"; }
 
-step "1/7 synthetic CT dataset (8 training + 2 test cases, mixed orientations)"
-gtv-synthetic -o "$nnUNet_raw" -d $DATASET_ID --num-train 8 --num-test 2 --size 128 --slices 44 \
-  --orientations mixed --overwrite
+step "1/6 synthetic CT dataset (10 training + 3 held-out test cases, mixed orientations, 5-60 ml tumours)"
+gtv-synthetic -o "$nnUNet_raw" -d $DATASET_ID --num-train 10 --num-test 3 --size 128 --slices 44 \
+  --in-plane-mm 1.6 1.9 --orientations mixed --overwrite
 RAW="$nnUNet_raw/Dataset${DATASET_ID}_SyntheticGTV"
 
-step "2/7 nnUNetv2_plan_and_preprocess with nnUNetPlannerGTV25D"
+step "2/6 nnUNetv2_plan_and_preprocess with nnUNetPlannerGTV25D"
 nnUNetv2_plan_and_preprocess -d $DATASET_ID -pl nnUNetPlannerGTV25D -c 3d_fullres -np 2 --verify_dataset_integrity
 
-MODELS=()
 for SCALE in Local Middle Global; do
-  step "3/7 nnUNetv2_train: nnUNetTrainerGTV25D${SCALE}_smoke, fold 0 (a short CPU run)"
-  nnUNetv2_train $DATASET_ID 3d_fullres 0 -tr "nnUNetTrainerGTV25D${SCALE}_smoke" -device cpu
-  step "4/7 nnUNetv2_predict --save_probabilities with the $SCALE model"
-  nnUNetv2_predict -i "$RAW/imagesTs" -o "$WORK/predictions/$SCALE" -d $DATASET_ID -c 3d_fullres \
-    -tr "nnUNetTrainerGTV25D${SCALE}_smoke" -f 0 -device cpu --save_probabilities -npp 1 -nps 1
-  MODELS+=("$WORK/predictions/$SCALE")
+  step "3/6 nnUNetv2_train: nnUNetTrainerGTV25D${SCALE}_cpu, fold 0 (the CPU recipe: 300 iterations at batch 4)"
+  nnUNetv2_train $DATASET_ID 3d_fullres 0 -tr "nnUNetTrainerGTV25D${SCALE}_cpu" -device cpu
 done
 
-step "5/7 gtv-uncertainty: fuse ${#MODELS[@]} models, largest component, entropy map, VVC"
-gtv-uncertainty -i "${MODELS[@]}" -o "$WORK/fused" -np 2
+step "4/6 gtv-predict: the three models on the held-out CTs, fused (largest component, entropy map, VVC, review page)"
+gtv-predict -i "$RAW/imagesTs" -o "$WORK/fused" -d $DATASET_ID -m Local:0 Middle:0 Global:0 -tr_suffix _cpu \
+  -device cpu --save-model-predictions --review
 
-step "6/7 gtv-evaluate against the test labels"
+step "5/6 gtv-evaluate against the held-out labels (Dice, ASSD, HD95, RVE per model and fused; overlays)"
 gtv-evaluate -p "$WORK/fused" -r "$RAW/labelsTs" --images "$RAW/imagesTs"
 
-step "7/7 gtv-predict: the same three models from the CTs in one command (one preprocessing, fused in memory)"
-gtv-predict -i "$RAW/imagesTs" -o "$WORK/fused_gtv_predict" -d $DATASET_ID -m Local:0 Middle:0 Global:0 \
-  -tr_suffix _smoke -device cpu --review
+step "6/6 the same with nnU-Net's own prediction: nnUNetv2_predict per model, then gtv-uncertainty"
+MODELS=()
+for SCALE in Local Middle Global; do
+  nnUNetv2_predict -i "$RAW/imagesTs" -o "$WORK/predictions/$SCALE" -d $DATASET_ID -c 3d_fullres \
+    -tr "nnUNetTrainerGTV25D${SCALE}_cpu" -f 0 -device cpu --save_probabilities -npp 1 -nps 1 --disable_progress_bar
+  MODELS+=("$WORK/predictions/$SCALE")
+done
+gtv-uncertainty -i "${MODELS[@]}" -o "$WORK/fused_two_step" -np 1
 
-step "done. Results:"
-echo "  trained models:        $nnUNet_results/Dataset${DATASET_ID}_SyntheticGTV/"
-echo "  per-model predictions: $WORK/predictions/{Local,Middle,Global}/"
-echo "  fused GTV + entropy:   $WORK/fused/ (summary.csv)"
-echo "  evaluation report:     $WORK/fused/evaluation/report.md"
-echo "  gtv-predict outputs:   $WORK/fused_gtv_predict/"
-echo "  review page:           $WORK/fused_gtv_predict/review/review.html"
+step "done in $(( $(date +%s) - START ))s after set-up. Results:"
+echo "  trained models:         $nnUNet_results/Dataset${DATASET_ID}_SyntheticGTV/"
+echo "  fused GTV + entropy:    $WORK/fused/ (summary.csv; each model's own segmentation in model_predictions/)"
+echo "  review page:            $WORK/fused/review/review.html (open in a browser: the cases to check first)"
+echo "  evaluation report:      $WORK/fused/evaluation/report.md (Dice table, overlays)"
+echo "  two-step path:          $WORK/predictions/{Local,Middle,Global}/ -> $WORK/fused_two_step/"

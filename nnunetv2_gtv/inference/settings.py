@@ -74,6 +74,25 @@ def cpu_has_native_bfloat16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+def cpu_description() -> str:
+    """CPU model and its kind for speed figures: native bfloat16 (AVX512-BF16 / AMX), AVX-512 only, or neither."""
+    import platform
+    from pathlib import Path
+
+    flags, model = set(), platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    kind = ("native bfloat16" if cpu_has_native_bfloat16()
+            else "AVX-512, no native bfloat16" if any(f.startswith("avx512") for f in flags)
+            else "no AVX-512, no native bfloat16")
+    return f"{model} ({kind})"
+
+
 def use_cpu_bfloat16(precision: str, device_type: str) -> bool:
     """Whether ``precision`` (one of PRECISIONS) means bfloat16 autocast on ``device_type``."""
     if precision not in PRECISIONS:
