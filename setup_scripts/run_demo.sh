@@ -11,7 +11,7 @@ WORK="${GTV_WORK:-$REPO_ROOT/gtv_work}"
 DATASET_ID=990
 export nnUNet_raw="$WORK/nnUNet_raw" nnUNet_preprocessed="$WORK/nnUNet_preprocessed" nnUNet_results="$WORK/nnUNet_results"
 # nnU-Net's process pools sized to a 2-core machine (its export pools default to 8 workers of ~0.9 GiB each)
-export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
+export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-1}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 step() { echo; echo "[demo $(( $(date +%s) - START ))s] $*"; }
