@@ -34,6 +34,16 @@ def run_cli(args: list[str], env: dict, timeout: float = 900, check: bool = True
     return result
 
 
+def kill_while_writing(target: Path) -> None:
+    """A process killed (SIGKILL) in the middle of writing ``target`` through the project's writer: it leaves the
+    writer's temporary file behind, owned by a process that no longer exists."""
+    script = ("import os, signal, sys\n"
+              "from nnunetv2_gtv.ensemble.writing import write_file\n"
+              "write_file(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))")
+    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+
+
 @pytest.fixture
 def nnunet_dirs(tmp_path, monkeypatch) -> dict:
     """nnUNet_raw / nnUNet_preprocessed / nnUNet_results under tmp_path, set for this process and subprocesses."""

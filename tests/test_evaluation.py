@@ -397,6 +397,40 @@ def test_cli_missing_reference_fails_or_is_skipped(fused_folder, capsys):
     assert "case_a: skipped" in (fused_dir / "evaluation" / "report.md").read_text()
 
 
+def test_labels_outside_the_label_set_are_refused_or_mapped_to_background(fused_folder, capsys):
+    fused_dir, labels = fused_folder
+    assert main(["-p", str(fused_dir), "-r", str(labels), "-o", str(fused_dir / "clean")]) == 0
+    reference = REF.copy()
+    reference[0, :2, :3] = 2  # background and GTV only: 2 is no label of this dataset
+    write_image(labels / "case_a.nii.gz", reference)
+    model_prediction = fused_dir.parent / "model_a" / "case_b.nii.gz"
+    prediction = REF.copy()
+    prediction[7, -1, -1] = 5
+    write_image(model_prediction, prediction)
+    capsys.readouterr()
+
+    assert main(["-p", str(fused_dir), "-r", str(labels), "-o", str(fused_dir / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert f"{labels / 'case_a.nii.gz'}: label 2 (6 voxels) is not in the label set {{0, 1}}" in error
+    assert "--unknown-labels background" in error and not (fused_dir / "refused").exists()
+
+    assert main(["-p", str(fused_dir), "-r", str(labels), "-o", str(fused_dir / "mapped"),
+                 "--unknown-labels", "background"]) == 0
+    warnings = capsys.readouterr().err
+    assert str(labels / "case_a.nii.gz") in warnings and str(model_prediction) in warnings
+    clean, mapped = (json.loads((fused_dir / name / "evaluation.json").read_text()) for name in ("clean", "mapped"))
+    assert mapped["metrics"] == clean["metrics"] and mapped["error_rate"] == clean["error_rate"]
+    assert mapped["labels"]["values"] == [0, 1] and mapped["labels"]["unknown_labels"] == "background"
+    assert [m["file"] for m in mapped["labels"]["mapped"]] == [str(labels / "case_a.nii.gz"), str(model_prediction)]
+    report = (fused_dir / "mapped" / "report.md").read_text()
+    assert "mapped to background" in report and f"{model_prediction}: label 5 (1 voxel)" in report
+
+    dataset = {"file_ending": ".nii.gz", "labels": {"background": 0, "GTV": 1, "node": 2, "other": 3, "more": 4,
+                                                    "last": 5}}
+    (fused_dir / "dataset.json").write_text(json.dumps(dataset))  # now 2 and 5 are labels: nothing to refuse
+    assert main(["-p", str(fused_dir), "-r", str(labels), "-o", str(fused_dir / "six")]) == 0
+
+
 def test_cli_body_region_needs_images(fused_folder, capsys):
     fused_dir, labels = fused_folder
     assert main(["-p", str(fused_dir), "-r", str(labels), "--error-region", "body"]) == 2

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DATASET_ID, DATASET_NAME, run_cli
+from conftest import DATASET_ID, DATASET_NAME, kill_while_writing, run_cli
 from nnunetv2_gtv.cli.predict import main
 from nnunetv2_gtv.cli.uncertainty import main as uncertainty_main
 from nnunetv2_gtv.inference.inputs import InputError, find_cases, intensity_warning
@@ -390,10 +390,44 @@ def test_unreadable_pixel_data_fails_that_case_only(results, test_ct, tmp_path):
         "good.nii.gz", "good_entropy.nii.gz", "summary.csv", "summary.json"]
 
 
-def test_output_folder_must_not_be_the_input_folder(results, test_ct, tmp_path):
-    shutil.copy(test_ct, tmp_path / "ct.nii.gz")
-    code, _, stderr = run(["-i", tmp_path / "ct.nii.gz", "-o", tmp_path, *SMOKE, "-m", "Global:0", *FAST])
-    assert code == 2 and "must not be the input folder" in stderr
+def _tiny_ct(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 8, 8), -1000, np.int16)), str(path))
+    return path
+
+
+def _fake_checkpoints(results: Path, trainer: str, folds: tuple[int, ...]) -> None:
+    """Checkpoint files where nnUNetv2_train puts them: enough for resolving models, not for loading them."""
+    for fold in folds:
+        folder = results / DATASET_NAME / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+        folder.mkdir(parents=True)
+        (folder / "checkpoint_final.pth").write_bytes(b"")
+
+
+def test_output_folder_must_not_be_in_or_hold_an_input_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    ct = _tiny_ct(tmp_path / "in" / "ct_0000.nii.gz")
+    before = sorted(tmp_path.rglob("*"))
+    for source, out in ((ct, ct.parent), (ct.parent, ct.parent), (ct.parent, ct.parent / "out"),
+                        (ct.parent, tmp_path), (ct, tmp_path)):
+        code, _, stderr = run(["-i", source, "-o", out, *SMOKE, "-m", "Global:0", *FAST])
+        assert code == 2 and f"output folder {out}" in stderr and "input" in stderr, stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_missing_fold_is_named_with_the_folds_that_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    _fake_checkpoints(tmp_path / "results", "nnUNetTrainerGTV25DLocal", (0, 1))
+    ct = _tiny_ct(tmp_path / "in" / "ct_0000.nii.gz")
+    code, _, stderr = run(["-i", ct, "-o", tmp_path / "out", "-d", str(DATASET_ID), "-m", "Local:3", *FAST])
+    assert code == 2
+    missing = tmp_path / "results" / DATASET_NAME / "nnUNetTrainerGTV25DLocal__nnUNetPlans__3d_fullres" / "fold_3"
+    assert f"Local:3: no {missing / 'checkpoint_final.pth'}" in stderr
+    assert "folds with checkpoint_final.pth: 0, 1" in stderr and "-m Local:0 Local:1" in stderr
+    code, _, stderr = run(["-i", ct, "-o", tmp_path / "out", "-d", str(DATASET_ID), "-m", "Local:1", "Middle:0",
+                           *FAST])
+    assert code == 2 and "Middle:0: no " in stderr and "no fold has checkpoint_final.pth" in stderr
+    assert stderr.rstrip().endswith("-m Local:1")
 
 
 def test_missing_models_are_listed_with_the_available_ones(results, test_ct, tmp_path):
@@ -452,9 +486,12 @@ def test_continue_skips_finished_cases_unless_settings_change(results, test_ct, 
     args = ["-i", test_ct, "-o", tmp_path / "out", *SMOKE, "-m", "Local:0", "Global:0", *FAST, "-np", "0"]
     assert run(args)[0] == 0
     before = _mtimes(tmp_path / "out")
+    kill_while_writing(tmp_path / "out" / "case_006.nii.gz")  # what a killed run leaves
+    kill_while_writing(tmp_path / "out" / "per_case" / "case_006.json")
     code, stdout, _ = run([*args, "--continue"])
     assert code == 0 and "1 already finished, 0 to predict" in stdout
     assert _mtimes(tmp_path / "out") == before
+    assert not list((tmp_path / "out").rglob(".*"))
     code, stdout, _ = run([*args, "--continue", "--tile", "slab"])
     assert code == 0 and "0 already finished, 1 to predict" in stdout
     assert all(_mtimes(tmp_path / "out")[name] > time for name, time in before.items())

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import kill_while_writing
 from nnunetv2_gtv.cli.uncertainty import main
 from nnunetv2_gtv.ensemble import DatasetInfo, FusionInputError, FusionSettings, fuse_case, open_prediction_folder
 from nnunetv2_gtv.ensemble.writing import write_image
@@ -403,6 +404,43 @@ def test_continue_skips_finished_cases_and_reruns_changed_settings(tmp_path, pro
 
     assert main(["-i", *folders, "-o", str(out), "-np", "1", "--continue", "--connectivity", "26"]) == 0
     assert "0 already finished, 2 to fuse" in capsys.readouterr().out
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its modification time."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_output_folder_that_is_inside_or_holds_an_input_is_refused(tmp_path, properties, capsys):
+    folders = write_models(tmp_path / "models", [{"c": binary(blocks())}] * 3, properties)
+    before = _tree(tmp_path)
+    for out in (folders[0], Path(folders[1]) / "fused", tmp_path / "models"):
+        assert main(["-i", *folders, "-o", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert f"output folder {out}" in error and "input folder" in error
+    assert _tree(tmp_path) == before and not (Path(folders[1]) / "fused").exists()
+
+
+def test_a_resumed_run_removes_temporary_files_that_no_live_process_owns(tmp_path, properties, capsys):
+    from nnunetv2_gtv.ensemble.writing import _temporary_path
+
+    folders = write_models(tmp_path, [{"c1": binary(blocks()), "c2": binary(blocks())}] * 2, properties)
+    out = tmp_path / "out"
+    assert main(["-i", *folders, "-o", str(out), "-np", "1"]) == 0
+    (out / "c2.nii.gz").unlink()  # as if the run had been killed while writing c2
+    kill_while_writing(out / "c2.nii.gz")
+    kill_while_writing(out / "per_case" / "c2.json")
+    stale = [p for p in out.rglob(".*") if p.is_file()]
+    assert len(stale) == 2
+    live = _temporary_path(out / "c1_entropy.nii.gz", ".nii.gz")  # this process is alive: its file is kept
+    live.write_bytes(b"being written")
+    unrelated = out / ".c1.nii.gz.notes.tmp"  # not the writer's naming scheme
+    unrelated.write_text("")
+    capsys.readouterr()
+    assert main(["-i", *folders, "-o", str(out), "-np", "1", "--continue"]) == 0
+    assert "1 already finished, 1 to fuse" in capsys.readouterr().out
+    assert not any(p.exists() for p in stale)
+    assert live.is_file() and unrelated.is_file() and (out / "c2.nii.gz").is_file()
 
 
 def test_parts_shard_like_nnunet_and_summary_joins_them(tmp_path, properties):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from nnunetv2_gtv.ensemble.fusion import FusionSettings
 from nnunetv2_gtv.ensemble.summary import package_versions, write_summaries
-from nnunetv2_gtv.ensemble.writing import check_writable
+from nnunetv2_gtv.ensemble.writing import check_writable, remove_stale_temporaries
 
 
 def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -92,13 +92,16 @@ def fail(prog: str, message: str) -> int:
 
 
 def open_output_folder(prog: str, folder: str, num_models: int) -> Path | None:
-    """``folder`` created if needed and checked writable, or None after saying why; warns when a single model
-    cannot give any uncertainty."""
+    """``folder`` created if needed and checked writable, or None after saying why; removes the temporary files
+    that killed runs left there; warns when a single model cannot give any uncertainty."""
     try:
         output_folder = check_writable(folder)
+        removed = remove_stale_temporaries(output_folder)
     except OSError as err:
         fail(prog, f"output folder {folder} is not writable ({err})")
         return None
+    if removed:
+        print(f"{prog}: removed {len(removed)} temporary file(s) that interrupted runs left in {output_folder}")
     if num_models == 1:
         print(f"{prog}: warning: only one model given; uncertainty needs N >= 2: the entropy maps are all zeros "
               "and VVC is left empty", file=sys.stderr)

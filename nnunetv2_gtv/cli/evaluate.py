@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
-from nnunetv2_gtv.evaluation.pipeline import EvaluationSettings, evaluate_folder
+from nnunetv2_gtv.evaluation.pipeline import UNKNOWN_LABEL_RULES, EvaluationSettings, evaluate_folder, \
+    unknown_labels_text
 from nnunetv2_gtv.evaluation.report import REPORT_NAME, write_report
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS
 
@@ -32,17 +33,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="entropy values are rounded to this many decimals to form levels (default: 4)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="skip (and record) cases without a reference instead of failing")
+    parser.add_argument("--unknown-labels", choices=UNKNOWN_LABEL_RULES, default="refuse",
+                        help="a value outside the dataset's label set (dataset.json 'labels' of the predictions or "
+                             "their models; else background and --label) in a reference or prediction: refuse = "
+                             "error naming the file (default); background = count it as background in every "
+                             "metric and the error rates, with a warning and a note in the report")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = EvaluationSettings(args.label, args.error_region, args.margin_mm, args.images, args.body_threshold,
-                                  args.entropy_decimals, args.skip_missing)
+                                  args.entropy_decimals, args.skip_missing, args.unknown_labels)
     output = args.output or args.predictions / "evaluation"
     command = shlex.join(["gtv-evaluate", *(sys.argv[1:] if argv is None else argv)])
     try:
         result = evaluate_folder(args.predictions, args.reference, settings)
+        for entry in result.mapped:
+            print(f"gtv-evaluate: warning: {unknown_labels_text(entry, result.label_set)}: mapped to background",
+                  file=sys.stderr)
         written = write_report(result, output, command)
     except EvaluationInputError as error:
         print(f"gtv-evaluate: error: {error}", file=sys.stderr)

@@ -27,6 +27,7 @@ from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_ar
 from nnunetv2_gtv.cli.review import review
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import label_values
+from nnunetv2_gtv.ensemble.writing import check_outside_inputs
 from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
@@ -157,11 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cases = find_cases(args.i)
         check_inputs(cases[args.part_id::args.num_parts])
-        output_folder = Path(args.o)
-        inputs = {c.path.resolve().parent for c in cases}
-        if output_folder.resolve() in inputs:
-            raise InputError(f"{args.o}: the output folder must not be the input folder (outputs could overwrite "
-                             "the CTs)")
+        check_outside_inputs(args.o, [args.i])
         specs = resolve_models(results, _dataset_name(Path(results), args.d), args.m, args.p, args.c,
                                args.tr_suffix, args.chk)
         fusion.model_weights(len(specs))

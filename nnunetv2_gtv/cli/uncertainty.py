@@ -23,6 +23,7 @@ from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo, check_compatible, match_cases, open_prediction_folder
 from nnunetv2_gtv.ensemble.fusion import fuse_case, output_files
 from nnunetv2_gtv.ensemble.summary import fuse_and_record, load_row
+from nnunetv2_gtv.ensemble.writing import OutputFolderError, check_outside_inputs
 
 PROG = "gtv-uncertainty"
 
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for message in check_compatible(folders):
             print(f"{PROG}: warning: {message}", file=sys.stderr)
         cases = match_cases(folders, args.allow_missing)
-    except FusionInputError as err:
+        check_outside_inputs(args.o, args.i)
+    except (FusionInputError, OutputFolderError) as err:
         return fail(PROG, str(err))
     output_folder = open_output_folder(PROG, args.o, len(folders))
     if output_folder is None:

@@ -1,15 +1,18 @@
-"""Atomic output files: images through nnU-Net's reader/writer class, and text files.
+"""Atomic output files: images through nnU-Net's reader/writer class, and text files; the output folder's checks.
 
 Everything is written to a temporary name in the target folder and renamed with ``os.replace``, so a crash
-or an error never leaves a half-written file under the final name.
+or an error never leaves a half-written file under the final name. The temporary name says which process on
+which machine writes it (``.<name>.<pid>@<host>.<random>.tmp<ending>``), so that a later run can remove what a
+killed process left (:func:`remove_stale_temporaries`) without touching a file that a live one is writing.
 """
 from __future__ import annotations
 
 import os
+import re
 import secrets
-import tempfile
+import socket
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
@@ -29,9 +32,63 @@ class _FloatImage(np.ndarray):
         return super().astype(dtype, *args, **kwargs)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMPORARY_NAME = re.compile(r"\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[0-9a-f]{8}\.tmp")
+
+
+class OutputFolderError(ValueError):
+    """The output folder is an input folder, lies inside one or holds one."""
+
+
 def _temporary_path(target: Path, ending: str) -> Path:
     """Unique hidden name beside ``target`` that keeps the file ending (writers pick the format by it)."""
-    return target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{ending}"
+    return target.parent / f".{target.name}.{os.getpid()}@{_HOST}.{secrets.token_hex(4)}.tmp{ending}"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists; True where that cannot be asked safely (Windows, where
+    ``os.kill(pid, 0)`` would end the process)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files under ``folder`` that this module's writers left when their process was killed
+    (named by a process of this machine that no longer exists); returns them. Files of live processes, of other
+    machines (shards sharing a network folder) and of other naming schemes are kept."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*")):
+        match = _TEMPORARY_NAME.match(path.name)
+        if (match and match["host"] == _HOST and path.is_file() and not path.is_symlink()
+                and not _process_alive(int(match["pid"]))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def check_outside_inputs(output_folder: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise OutputFolderError when ``output_folder`` is an input folder, lies inside one, or holds an input
+    (file or folder): outputs could overwrite inputs or be read as inputs by the next run."""
+    output = Path(output_folder).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if source.is_dir() and output == source:
+            problem = f"is the input folder {given}"
+        elif source.is_dir() and output.is_relative_to(source):
+            problem = f"lies inside the input folder {given}"
+        elif source.is_relative_to(output):
+            problem = f"holds the input {'folder ' if source.is_dir() else ''}{given}"
+        else:
+            continue
+        raise OutputFolderError(f"output folder {output_folder} {problem}; nothing is written into an input "
+                                "folder (outputs could overwrite inputs or be read as inputs): choose another one")
 
 
 def write_image(array: np.ndarray, target: str | os.PathLike, file_ending: str, properties: dict,
@@ -75,7 +132,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed and prove a file can be written there; OSError otherwise."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".write-test.", dir=folder)
-    os.close(fd)
-    os.unlink(name)
+    probe = _temporary_path(folder / "write-test", "")
+    probe.open("xb").close()
+    probe.unlink()
     return folder

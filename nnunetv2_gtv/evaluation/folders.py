@@ -13,6 +13,8 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_gtv.ensemble.errors import FusionInputError
+from nnunetv2_gtv.ensemble.folders import label_values
 from nnunetv2_gtv.file_modes import make_shareable
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -150,6 +152,46 @@ def model_folders(summary: dict | None, fused_dir: Path) -> list[ModelFolder]:
         existing = next((c for c in candidates if c.is_dir()), None)
         folders.append(ModelFolder(f"model_{i}", str(listed), existing))
     return folders
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The label values a segmentation of the dataset may hold, and where they were read."""
+
+    values: tuple[int, ...]
+    source: str
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(v) for v in self.values) + "}"
+
+
+def _dataset_json_candidates(fused_dir: Path, summary: dict | None, models: list[ModelFolder]) -> list[Path]:
+    """Where a dataset.json may describe the predictions: their folder, the model folders of summary.json
+    ``inputs`` (and the two folders above, as nnU-Net's validation folders keep it) and, for gtv-predict, the
+    trained model folders of its checkpoints."""
+    candidates = [fused_dir / "dataset.json"]
+    for model in models:
+        if model.path is not None:
+            candidates += [model.path / "dataset.json", model.path.parent / "dataset.json",
+                           model.path.parent.parent / "dataset.json"]
+    for model in (summary or {}).get("models") or []:
+        if isinstance(model, dict) and model.get("checkpoint"):
+            candidates.append(Path(model["checkpoint"]).parent.parent / "dataset.json")
+    return candidates
+
+
+def find_label_set(fused_dir: Path, summary: dict | None, models: list[ModelFolder], label: int) -> LabelSet:
+    """The ``labels`` of the first dataset.json found for the predictions; without one, background and ``label``."""
+    for path in _dataset_json_candidates(fused_dir, summary, models):
+        if path.is_file():
+            dataset = _read_json(path)
+            if "labels" in dataset:
+                try:
+                    return LabelSet(tuple(label_values(dataset, str(path))), str(path))
+                except FusionInputError as error:
+                    raise EvaluationInputError(str(error)) from error
+    return LabelSet(tuple(sorted({0, label})), "background and --label: no dataset.json with 'labels' beside the "
+                                               "predictions or their models")
 
 
 def parse_float(text: str | None) -> float:

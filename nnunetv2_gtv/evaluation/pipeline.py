@@ -1,18 +1,21 @@
 """Evaluate a fused-output folder case by case against a folder of reference labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_gtv.evaluation.folders import (
     EvaluationInputError,
+    LabelSet,
     ModelFolder,
     Volume,
     check_same_grid,
     detect_file_ending,
     find_image,
+    find_label_set,
     list_cases,
     model_folders,
     parse_float,
@@ -25,6 +28,7 @@ from nnunetv2_gtv.figures.overlay import Overlay, overlay_views
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS, LevelCount, error_region, level_counts
 
 FUSED = "fused"
+UNKNOWN_LABEL_RULES = ("refuse", "background")
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,9 @@ class EvaluationSettings:
 
     ``label`` is the foreground label the metrics are computed for. ``images_dir`` holds the CT images as
     ``<case>_0000<file_ending>`` (nnU-Net naming); it is needed by the ``body`` region, and whenever it is
-    given every case gets an overlay figure.
+    given every case gets an overlay figure. ``unknown_labels``: what a segmentation value outside the dataset's
+    label set does, ``refuse`` (an error naming the file) or ``background`` (counted as background everywhere:
+    Dice, volumes, distances and error rates, and listed).
     """
 
     label: int = 1
@@ -43,6 +49,7 @@ class EvaluationSettings:
     body_threshold_hu: float = -300.0
     entropy_decimals: int = 4
     skip_missing: bool = False
+    unknown_labels: str = "refuse"
 
 
 @dataclass
@@ -54,6 +61,7 @@ class EvaluationResult:
     file_ending: str
     settings: EvaluationSettings
     models: list[ModelFolder]
+    label_set: LabelSet | None = None
     cases: list[str] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     level_counts: dict[str, list[LevelCount]] = field(default_factory=dict)
@@ -61,6 +69,16 @@ class EvaluationResult:
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     overlays: dict[str, Overlay] = field(default_factory=dict)
+    mapped: list[dict] = field(default_factory=list)  # files whose unknown labels became background
+
+
+def unknown_labels_text(entry: dict, label_set: LabelSet) -> str:
+    """``<file>: label 2 (6 voxels) is not in the label set {0, 1}`` for one ``mapped`` entry."""
+    found = ", ".join(f"{value:g} ({count} voxel{'s' if count != 1 else ''})"
+                      for value, count in zip(entry["labels"], entry["voxels"]))
+    several = len(entry["labels"]) > 1
+    return (f"{entry['file']}: label{'s' if several else ''} {found} {'are' if several else 'is'} not in the label "
+            f"set {label_set}")
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -77,6 +95,26 @@ def _check_settings(settings: EvaluationSettings) -> None:
         _require_dir(settings.images_dir, "CT images")
     if settings.margin_mm < 0:
         raise EvaluationInputError(f"the bounding-box margin must be >= 0 mm, got {settings.margin_mm}")
+    if settings.unknown_labels not in UNKNOWN_LABEL_RULES:
+        raise EvaluationInputError(f"unknown rule {settings.unknown_labels!r} for labels outside the label set; "
+                                   f"choose {', '.join(UNKNOWN_LABEL_RULES)}")
+
+
+def _read_labels(path: Path, result: EvaluationResult) -> Volume:
+    """A segmentation whose values are checked against the label set: refused, or mapped to background."""
+    volume = read_volume(path)
+    unknown = ~np.isin(volume.array, result.label_set.values)
+    if not unknown.any():
+        return volume
+    values, counts = np.unique(volume.array[unknown], return_counts=True)
+    entry = {"file": str(path), "labels": [v.item() for v in values], "voxels": [int(c) for c in counts]}
+    text = unknown_labels_text(entry, result.label_set)
+    if result.settings.unknown_labels == "refuse":
+        raise EvaluationInputError(f"{text} ({result.label_set.source}); correct the file, or pass "
+                                   "--unknown-labels background to count such voxels as background")
+    result.mapped.append(entry)
+    result.notes.append(f"{text}: mapped to background")
+    return replace(volume, array=np.where(unknown, 0, volume.array).astype(volume.array.dtype, copy=False))
 
 
 def _references(cases: list[str], result: EvaluationResult) -> dict[str, Path]:
@@ -136,7 +174,7 @@ def _model_metrics(case: str, reference: Volume, ref_mask, result: EvaluationRes
         if path is None:
             result.notes.append(f"{case}: no prediction in {model.name} ({model.path}); not in {model.name}'s means")
             continue
-        prediction = read_volume(path)
+        prediction = _read_labels(path, result)
         check_same_grid(prediction, reference)
         metrics = compute_metrics(prediction.array == result.settings.label, ref_mask, reference.spacing_zyx)
         result.metrics.append({"case": case, "source": model.name, **metrics.as_dict()})
@@ -153,8 +191,13 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
     cases = list_cases(fused_dir, file_ending)
     if not cases:
         raise EvaluationInputError(f"{fused_dir}: no segmentations <case>{file_ending}")
-    result = EvaluationResult(fused_dir, labels_dir, file_ending, settings,
-                              model_folders(read_summary_json(fused_dir), fused_dir))
+    summary = read_summary_json(fused_dir)
+    models = model_folders(summary, fused_dir)
+    result = EvaluationResult(fused_dir, labels_dir, file_ending, settings, models,
+                              find_label_set(fused_dir, summary, models, settings.label))
+    if settings.label not in result.label_set.values:
+        raise EvaluationInputError(f"--label {settings.label} is not in the label set {result.label_set} "
+                                   f"({result.label_set.source})")
     for model in result.models:
         if model.path is None:
             result.notes.append(f"{model.name}: folder {model.listed_as} (summary.json inputs) not found; "
@@ -166,8 +209,8 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
     if not references:
         raise EvaluationInputError(f"{labels_dir}: none of the {len(cases)} cases has a reference label")
     for case in tqdm(list(references), desc="gtv-evaluate", unit="case"):
-        reference = read_volume(references[case])
-        fused = read_volume(fused_dir / f"{case}{file_ending}")
+        reference = _read_labels(references[case], result)
+        fused = _read_labels(fused_dir / f"{case}{file_ending}", result)
         check_same_grid(fused, reference)
         ref_mask, fused_mask = reference.array == settings.label, fused.array == settings.label
         metrics = compute_metrics(fused_mask, ref_mask, reference.spacing_zyx)

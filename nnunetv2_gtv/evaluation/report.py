@@ -107,6 +107,9 @@ def build_summary(result: EvaluationResult, command: str) -> dict:
         "settings": {key: (str(value) if isinstance(value, Path) else value)
                      for key, value in asdict(result.settings).items()},
         "definitions": DEFINITIONS,
+        "labels": None if result.label_set is None else {
+            "values": list(result.label_set.values), "source": result.label_set.source,
+            "unknown_labels": result.settings.unknown_labels, "mapped": result.mapped},
         "cases": result.cases,
         "metrics": result.metrics,
         "summary": summary,
@@ -186,12 +189,24 @@ def _correlation_sentence(stats: dict) -> str:
     return text + "."
 
 
+def _labels_sentence(labels: dict) -> str:
+    """The label set, where it came from, and what was done with values outside it."""
+    values = "{" + ", ".join(str(v) for v in labels["values"]) + "}"
+    text = f"Label set {values} ({labels['source']}). Values outside it "
+    if labels["unknown_labels"] == "refuse":
+        return text + "are refused (an error naming the file; `--unknown-labels background` maps them instead)."
+    mapped = len(labels["mapped"])
+    return text + (f"are mapped to background in every metric and the error rates: {mapped} file(s), listed in "
+                   "the notes." if mapped else "would be mapped to background; none were found.")
+
+
 def markdown(doc: dict) -> str:
     """report.md: tables of the JSON document and links to the PNGs."""
     inputs, settings = doc["inputs"], doc["settings"]
     lines = ["# GTV evaluation", "",
              f"Predictions `{inputs['predictions']}` against reference `{inputs['reference']}`: "
              f"{len(doc['cases'])} cases, label {settings['label']}, files `*{inputs['file_ending']}`.", "",
+             *([_labels_sentence(doc["labels"]), ""] if doc["labels"] else []),
              "## Segmentation metrics (mean ± sample std over cases)", ""]
     rows = [[source, str(stats["dice"]["n"] + stats["dice"]["n_undefined"])]
             + [_mean_std(stats[name], DIGITS[name]) for name in METRIC_NAMES]

@@ -88,14 +88,34 @@ def resolve_models(results_folder: str | os.PathLike, dataset_name: str, labels:
     missing = [s for s in specs if not s.checkpoint.is_file()]
     if not missing:
         return specs
-    lines = [f"  {s.label}: no {s.checkpoint}" for s in missing]
+    raise ModelError(_missing_message(specs, missing, default))
+
+
+def _trained_folds(spec: ModelSpec) -> list[str]:
+    """The folds of ``spec``'s model folder that hold its checkpoint file, in fold order."""
+    folds = [p.name[len("fold_"):] for p in spec.folder.glob("fold_*") if (p / spec.checkpoint_name).is_file()]
+    return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+
+
+def _missing_message(specs: Sequence[ModelSpec], missing: Sequence[ModelSpec], default: bool) -> str:
+    """Each missing checkpoint with the folds of its model that exist, and a ``-m`` that runs: the listed
+    models that exist plus the missing ones' other trained folds."""
+    lines, working = [], [s.label for s in specs if s not in missing]
+    listed = {(s.trainer, str(s.fold)) for s in specs}
+    for spec in missing:
+        folds = _trained_folds(spec)
+        found = f"folds with {spec.checkpoint_name}: {', '.join(folds)}" if folds else \
+            f"no fold has {spec.checkpoint_name}"
+        lines.append(f"  {spec.label}: no {spec.checkpoint} ({found})")
+        name = spec.label.rpartition(":")[0]
+        working += [f"{name}:{fold}" for fold in folds if (spec.trainer, fold) not in listed]
+        listed.update((spec.trainer, fold) for fold in folds)
     message = f"{len(missing)} of {len(specs)} models have no checkpoint:\n" + "\n".join(lines)
     if default:
-        found = [s.label for s in specs if s not in missing]
-        message = ("the default ensemble is the paper's six models (Local, Middle, Global x folds 0 and 1); "
-                   + message + ("\ntrain the missing ones, or run with the available ones: -m " + " ".join(found)
-                                if found else "\ntrain them with nnUNetv2_train (or pass -m, -tr_suffix, -p)"))
-    raise ModelError(message)
+        message = "the default ensemble is the paper's six models (Local, Middle, Global x folds 0 and 1); " + message
+    if working:
+        return message + "\ntrain the missing ones, or run with the available ones: -m " + " ".join(working)
+    return message + "\ntrain them with nnUNetv2_train (or check -d, -tr_suffix, -p, -c, -chk)"
 
 
 @dataclass
