@@ -48,9 +48,9 @@ def dciodvfy() -> str:
     return found
 
 
-def dciodvfy_errors(tool: str, path: Path) -> list[str]:
+def dciodvfy_problems(tool: str, path: Path) -> list[str]:
     result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(("Error", "Warning"))]
 
 
 def ct_headers(folder: Path) -> dict[str, Dataset]:
@@ -179,7 +179,7 @@ def test_series_is_read_in_hu_on_its_own_grid(written):
 
 def test_rtstruct_and_seg_pass_dciodvfy(written, dciodvfy):
     for path in (written["rtstruct"], written["seg"]):
-        assert dciodvfy_errors(dciodvfy, path) == [], path.name
+        assert dciodvfy_problems(dciodvfy, path) == [], path.name
 
 
 def test_rtstruct_rasterises_back_to_the_mask(written):
@@ -324,7 +324,7 @@ def test_gtv_predict_on_a_dicom_folder(results, gtv_dataset, tmp_path, dciodvfy)
         np.testing.assert_array_equal(decode_seg_by_position(out / f"{case}_SEG.dcm", ct, segmentation), expected)
         assert_references_resolve(out / f"{case}_RTSTRUCT.dcm", out / f"{case}_SEG.dcm", ct)
         for path in (out / f"{case}_RTSTRUCT.dcm", out / f"{case}_SEG.dcm"):
-            assert dciodvfy_errors(dciodvfy, path) == [], path.name
+            assert dciodvfy_problems(dciodvfy, path) == [], path.name
 
     code, _, stderr = run(["-i", test_ct, "-o", tmp_path / "nifti", "--dicom-reference", tmp_path / "dicom" / "first",
                            *SMOKE, *models, *FAST, "-np", "0"])
@@ -334,3 +334,16 @@ def test_gtv_predict_on_a_dicom_folder(results, gtv_dataset, tmp_path, dciodvfy)
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(out / "P1_5.nii.gz"))))
     ct = ct_headers(tmp_path / "dicom" / "first")
     assert_references_resolve(tmp_path / "nifti" / f"{case}_RTSTRUCT.dcm", tmp_path / "nifti" / f"{case}_SEG.dcm", ct)
+
+
+def test_an_empty_gtv_gives_valid_objects_without_contours(tmp_path, dciodvfy):
+    image, label = synthetic_ct(seed=4, in_plane_size=16, num_slices=5)
+    write_ct_series(image, tmp_path / "ct")
+    series = find_dicom_series(tmp_path / "ct").series[0]
+    empty = sitk.Image(label.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(label)
+    rtstruct, seg = write_dicom_outputs(series, empty, sitk.Cast(empty, sitk.sitkFloat32), tmp_path, "empty")
+    assert all("ContourSequence" not in roi for roi in pydicom.dcmread(rtstruct).ROIContourSequence)
+    assert not decode_seg_by_position(seg, ct_headers(tmp_path / "ct"), label).any()
+    for path in (rtstruct, seg):
+        assert dciodvfy_problems(dciodvfy, path) == [], path.name
