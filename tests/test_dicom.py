@@ -295,6 +295,21 @@ def test_bad_series_are_refused_before_any_work(tmp_path, monkeypatch, kind, mes
     assert not (tmp_path / "out").exists()
 
 
+def test_dicom_reference_must_share_the_grid_and_output_must_stay_outside(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "no_models"))
+    image, _ = synthetic_ct(seed=2, in_plane_size=16, num_slices=7)
+    write_ct_series(image, tmp_path / "in" / "ct")
+    shifted = sitk.Image(image)
+    shifted.SetOrigin([o + 0.5 for o in image.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "ct.nii.gz"))
+    code, _, stderr = run(["-i", tmp_path / "ct.nii.gz", "-o", tmp_path / "out", "--dicom-reference",
+                           tmp_path / "in" / "ct", *SMOKE, *FAST])
+    assert code == 2 and "not on the grid of the DICOM reference series" in stderr and str(tmp_path / "in") in stderr
+    code, _, stderr = run(["-i", tmp_path / "in", "-o", tmp_path / "in" / "out", *SMOKE, *FAST])
+    assert code == 2 and "must not be inside the DICOM input folder" in stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "in" / "out").exists()
+
+
 # ---------------------------------------------------------------- end to end through gtv-predict
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -196,7 +196,7 @@ def _series(uid: str, files: list[tuple[Path, Dataset]]) -> DicomSeries:
                               "(point -i at the CT series' folder)")
     for path, ds in files:
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-                               "SOPInstanceUID") if k not in ds]
+                               "SOPInstanceUID", "SOPClassUID", "StudyInstanceUID") if k not in ds]
         if missing:
             raise DicomInputError(f"{where}: {path.name} lacks {', '.join(missing)}")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -276,7 +276,7 @@ def find_dicom_series(folder: str | os.PathLike) -> DicomFolder:
         raise DicomInputError(f"{root}: no DICOM CT series found"
                               + (f" (ignored: {'; '.join(ignored)})" if ignored else ""))
     names = _case_names([(uid, files[0][1]) for uid, files, _ in found])
-    series = tuple(DicomSeries(**{**s.__dict__, "case": name}) for (_, _, s), name in zip(found, names))
+    series = tuple(replace(s, case=name) for (_, _, s), name in zip(found, names))
     return DicomFolder(tuple(sorted(series, key=lambda s: s.case)), tuple(ignored))
 
 
