@@ -310,6 +310,30 @@ def test_dicom_reference_must_share_the_grid_and_output_must_stay_outside(tmp_pa
     assert not (tmp_path / "out").exists() and not (tmp_path / "in" / "out").exists()
 
 
+def test_a_case_whose_dicom_objects_fail_loses_both_and_is_reported(tmp_path, monkeypatch):
+    import nnunetv2_gtv.dicom.outputs as outputs
+
+    image, label = synthetic_ct(seed=5, in_plane_size=16, num_slices=5)
+    write_ct_series(image, tmp_path / "ct")
+    series = find_dicom_series(tmp_path / "ct").series[0]
+    (tmp_path / "out").mkdir()
+    for case in ("good", "bad", "earlier"):
+        sitk.WriteImage(label, str(tmp_path / "out" / f"{case}.nii.gz"))
+
+    def failing_seg(series, mask, target):
+        if "bad" in str(target):
+            raise TypeError("simulated")
+        return write_seg(series, mask, target)
+
+    write_seg = outputs.write_seg
+    monkeypatch.setattr(outputs, "write_seg", failing_seg)
+    failures = outputs.write_run_outputs({c: series for c in ("good", "bad", "earlier")}, tmp_path / "out", ".nii.gz",
+                                         ["good", "bad"], ["earlier"], log=lambda m: None)
+    assert failures == ["bad: DICOM outputs not written (TypeError: simulated)"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.dcm")) == [
+        "earlier_RTSTRUCT.dcm", "earlier_SEG.dcm", "good_RTSTRUCT.dcm", "good_SEG.dcm"]
+
+
 # ---------------------------------------------------------------- end to end through gtv-predict
 
 

@@ -96,10 +96,10 @@ def write_run_outputs(series_by_case: dict[str, DicomSeries], output_folder: str
             entropy = sitk.ReadImage(str(entropy_file)) if entropy_file.is_file() else None
             write_dicom_outputs(series, sitk.ReadImage(str(folder / f"{case}{file_ending}")), entropy, folder, case)
             written += 1
-        except (DicomInputError, ValueError, OSError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001 - pydicom/highdicom/SimpleITK: that case fails, the run goes on
             for file in files:
                 file.unlink(missing_ok=True)
-            failures.append(f"{case}: DICOM outputs not written ({err})")
+            failures.append(f"{case}: DICOM outputs not written ({type(err).__name__}: {err})")
     if written:
         log(f"DICOM: wrote {written} case(s)' {RTSTRUCT_SUFFIX[1:]} and {SEG_SUFFIX[1:]} to {folder}")
     return failures
