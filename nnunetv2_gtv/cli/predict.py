@@ -4,7 +4,9 @@ Each CT is read and preprocessed once; every model of the ensemble (default: the
 and Global x folds 0 and 1) runs on the same tensor; the probabilities are averaged in memory and fused by
 gtv-uncertainty's code. Per case, on the input's own grid and in its format: <case> (fused segmentation,
 largest component), <case>_entropy (vote entropy), optionally <case>_probability; summary.json / summary.csv
-hold each model's volume and the VVC.
+hold each model's volume and the VVC. A folder of DICOM files: each CT series under it is a case
+(<PatientID>_<SeriesNumber>), with NIfTI outputs plus <case>_RTSTRUCT.dcm and <case>_SEG.dcm referring to the CT
+(also for one NIfTI input with --dicom-reference SERIES_DIR).
 
 Exit codes: 0 all cases done; 1 some cases failed (listed); 2 unusable models, inputs or output folder.
 """
