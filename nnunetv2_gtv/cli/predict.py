@@ -4,7 +4,9 @@ Each CT is read and preprocessed once; every model of the ensemble (default: the
 and Global x folds 0 and 1) runs on the same tensor; the probabilities are averaged in memory and fused by
 gtv-uncertainty's code. Per case, on the input's own grid and in its format: <case> (fused segmentation,
 largest component), <case>_entropy (vote entropy), optionally <case>_probability; summary.json / summary.csv
-hold each model's volume and the VVC.
+hold each model's volume and the VVC. A folder of DICOM files: each CT series under it is a case
+(<PatientID>_<SeriesNumber>), with NIfTI outputs plus <case>_RTSTRUCT.dcm and <case>_SEG.dcm referring to the CT
+(also for one NIfTI input with --dicom-reference SERIES_DIR).
 
 Exit codes: 0 all cases done; 1 some cases failed (listed); 2 unusable models, inputs or output folder.
 """
@@ -25,11 +27,12 @@ import torch  # noqa: E402
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
     fail, finish_run, fusion_settings_from_args, fusion_settings_record, open_output_folder
 from nnunetv2_gtv.cli.review import review
+from nnunetv2_gtv.dicom.outputs import write_run_outputs
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import label_values
 from nnunetv2_gtv.ensemble.writing import check_outside_inputs
 from nnunetv2_gtv.inference.export import model_predictions_folder
-from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases
+from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
     load_model, resolve_models
 from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
@@ -94,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", required=True, metavar="CT",
-                        help="a CT file or a folder of them (.nii.gz, .nii, .nrrd, .mha; <case>_0000 or <case>)")
+                        help="a CT file or a folder of them (.nii.gz, .nii, .nrrd, .mha; <case>_0000 or <case>), or a "
+                             "folder of DICOM files: each CT series under it is a case (<PatientID>_<SeriesNumber>), "
+                             "with <case>_RTSTRUCT.dcm and <case>_SEG.dcm beside the NIfTI outputs")
     parser.add_argument("-o", required=True, metavar="OUT", help="output folder")
+    parser.add_argument("--dicom-reference", metavar="SERIES_DIR",
+                        help="for one CT file converted from a DICOM CT series: that series' folder; also writes "
+                             "<case>_RTSTRUCT.dcm and <case>_SEG.dcm referring to it (the file must be on its grid)")
     _add_model_arguments(parser)
     _add_inference_arguments(parser)
     add_fusion_arguments(parser.add_argument_group("fusion (as gtv-uncertainty)"))
@@ -158,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cases = find_cases(args.i)
         check_inputs(cases[args.part_id::args.num_parts])
-        check_outside_inputs(args.o, [args.i])
+        dicom_series = dicom_series_of_cases(cases, args.dicom_reference)
+        check_outside_inputs(args.o, [args.i] + ([args.dicom_reference] if args.dicom_reference else []))
         specs = resolve_models(results, _dataset_name(Path(results), args.d), args.m, args.p, args.c,
                                args.tr_suffix, args.chk)
         fusion.model_weights(len(specs))
@@ -186,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = RunOptions(args.np, args.resume, args.num_parts, args.part_id, model_folders,
                          not args.disable_progress_bar, overlap_export=device.type != "cpu")
     report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
+    if dicom_series:
+        report.failures.extend(write_run_outputs(dicom_series, output_folder, cases[0].file_ending, report.done,
+                                                 report.skipped))
     if model_folders:
         print(f"{PROG}: each model's own predictions: {model_folders[0].parent}")
     code = finish_run(PROG, argv, output_folder, report.rows.values(), len(models), fingerprint, len(report.done),

@@ -8,6 +8,9 @@ A CT stored with another axis first (e.g. sagittal or coronal slices) is permute
 superior-inferior axis comes first before preprocessing, and its outputs are permuted back onto the input's
 own grid. Flips need nothing: nnU-Net mirrors in training and the sampling regions read the superior end from
 the direction.
+
+A folder holding DICOM files (and no image files of the endings above) is read as DICOM: each CT series under
+it is a case (``nnunetv2_gtv.dicom.series``), its outputs are NIfTI.
 """
 from __future__ import annotations
 
@@ -17,14 +20,18 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_gtv.dicom.outputs import grid_mismatch
+from nnunetv2_gtv.dicom.series import DicomInputError, DicomSeries, find_dicom_series, is_dicom_folder, \
+    read_dicom_series, read_series
 from nnunetv2_gtv.training.regions import superior_axis_from_direction
 
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+DICOM_OUTPUT_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 
 
@@ -35,11 +42,13 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class InputCase:
     case: str
-    path: Path
+    path: Path  # the image file, or the folder of a DICOM series
+    series: DicomSeries | None = None  # a DICOM CT series
 
     @property
     def file_ending(self) -> str:
-        return _ending(self.path.name)
+        """Of the input, and of the outputs (NIfTI for a DICOM series)."""
+        return DICOM_OUTPUT_ENDING if self.series is not None else _ending(self.path.name)
 
 
 def _ending(name: str) -> str | None:
@@ -52,8 +61,23 @@ def _case_name(path: Path) -> str:
     return stem[:match.start()] if match and match.group(1) == "0000" else stem
 
 
-def find_cases(input_path: str | os.PathLike) -> list[InputCase]:
-    """The cases in a file or folder (not recursive), sorted by name."""
+def dicom_cases(folder: Path, log: Callable[[str], None] = print) -> list[InputCase]:
+    """One case per CT series under ``folder``, listed through ``log``; InputError for unusable series."""
+    try:
+        found = find_dicom_series(folder)
+    except DicomInputError as err:
+        raise InputError(str(err)) from err
+    log(f"DICOM input {folder}: {len(found.series)} CT series")
+    for series in found.series:
+        log(f"  {series.describe()}")
+    for item in found.ignored:
+        log(f"  ignored: {item}")
+    return [InputCase(s.case, s.folder, s) for s in found.series]
+
+
+def find_cases(input_path: str | os.PathLike, log: Callable[[str], None] = print) -> list[InputCase]:
+    """The cases in a file or folder (not recursive), sorted by name; a folder with DICOM files and no image
+    files: its CT series (recursive)."""
     path = Path(input_path)
     if path.is_file():
         if _ending(path.name) is None:
@@ -62,6 +86,8 @@ def find_cases(input_path: str | os.PathLike) -> list[InputCase]:
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _ending(p.name))
+    if not files and is_dicom_folder(path):
+        return dicom_cases(path, log)
     if not files:
         raise InputError(f"{path}: no images found (endings: {', '.join(FILE_ENDINGS)})")
     stems = {p.name[:-len(_ending(p.name))] for p in files}
@@ -106,12 +132,34 @@ def check_inputs(cases: Sequence[InputCase]) -> None:
     """Check every header first, so that a bad file stops the run before any work; lists every bad file."""
     problems = []
     for case in cases:
+        if case.series is not None:  # checked from its headers when found
+            continue
         try:
             check_header(case.path)
         except InputError as err:
             problems.append(str(err))
     if problems:
         raise InputError("\n".join(problems))
+
+
+def dicom_series_of_cases(cases: Sequence[InputCase], reference: str | os.PathLike | None) -> dict[str, DicomSeries]:
+    """The DICOM CT series each case's RTSTRUCT and SEG refer to: its own series for a DICOM case, or the series in
+    ``reference`` for one image file on that series' grid (checked from the header)."""
+    if reference is None:
+        return {c.case: c.series for c in cases if c.series is not None}
+    if len(cases) != 1 or cases[0].series is not None:
+        raise InputError(f"--dicom-reference {reference}: needs exactly one image file as input (got "
+                         f"{'DICOM series' if any(c.series for c in cases) else f'{len(cases)} cases'})")
+    try:
+        series = read_dicom_series(reference)
+    except DicomInputError as err:
+        raise InputError(f"--dicom-reference: {err}") from err
+    reader = _header(cases[0].path)
+    problem = grid_mismatch(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), series)
+    if problem:
+        raise InputError(f"{cases[0].path}: not on the grid of the DICOM reference series in {series.folder}: "
+                         f"{problem}")
+    return {cases[0].case: series}
 
 
 def check_nifti_data(path: Path) -> None:
@@ -172,6 +220,9 @@ def read_case(case: InputCase, reader_writer_class: type) -> tuple[np.ndarray, d
     """Read with the models' reader/writer class: (1, z, y, x) float32 array and nnU-Net's properties."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+    if case.series is not None:
+        return _read_dicom_case(case.series, reader_writer_class)
+
     if case.file_ending in (".nii", ".nii.gz"):
         check_nifti_data(case.path)
     supported = getattr(reader_writer_class, "supported_file_endings", [])
@@ -182,3 +233,20 @@ def read_case(case: InputCase, reader_writer_class: type) -> tuple[np.ndarray, d
         return reader_writer_class().read_images([str(case.path)])
     except (RuntimeError, OSError, EOFError) as err:
         raise InputError(f"{case.path}: cannot read the image ({err})") from err
+
+
+def _read_dicom_case(series: DicomSeries, reader_writer_class: type) -> tuple[np.ndarray, dict]:
+    """A DICOM series as SimpleITKIO.read_images returns a NIfTI of it, so that its outputs are NIfTI."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    if not issubclass(reader_writer_class, SimpleITKIO):
+        raise InputError(f"{series.folder}: DICOM input needs models whose plans read images with SimpleITKIO (these "
+                         f"use {reader_writer_class.__name__}); convert the series to NIfTI")
+    try:
+        image = read_series(series)
+    except DicomInputError as err:
+        raise InputError(str(err)) from err
+    properties = {"sitk_stuff": {"spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+                                 "direction": image.GetDirection()},
+                  "spacing": list(np.abs(image.GetSpacing()[::-1]))}
+    return sitk.GetArrayFromImage(image)[None].astype(np.float32), properties

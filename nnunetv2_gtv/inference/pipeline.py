@@ -83,7 +83,8 @@ def dataset_info(ensemble: EnsemblePredictor, case: InputCase) -> DatasetInfo:
 
 
 def case_fingerprint(run_fingerprint: dict, case: InputCase) -> dict:
-    return {**run_fingerprint, "image": str(case.path.resolve())}
+    series = {"dicom_series": case.series.series_uid} if case.series is not None else {}
+    return {**run_fingerprint, "image": str(case.path.resolve()), **series}
 
 
 class LogitsStream:

@@ -1,0 +1,105 @@
+"""DICOM outputs of a case: ``<case>_RTSTRUCT.dcm`` (ROIs "GTV" and "GTV_uncertain") and ``<case>_SEG.dcm``
+(segment "GTV"), from the fused segmentation and vote-entropy images on the CT series' grid.
+
+The images may be stored in another axis order or with flipped axes (e.g. a NIfTI converted from the series):
+they are taken onto the series' grid by nearest-neighbour resampling, which is exact when every CT voxel
+centre is a voxel centre of the image; any other grid is refused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_gtv.dicom.rtstruct import Roi, write_rtstruct
+from nnunetv2_gtv.dicom.seg import write_seg
+from nnunetv2_gtv.dicom.series import DicomInputError, DicomSeries, reference_image
+from nnunetv2_gtv.ensemble.fusion import ENTROPY_SUFFIX
+
+RTSTRUCT_SUFFIX = "_RTSTRUCT.dcm"
+SEG_SUFFIX = "_SEG.dcm"
+GTV_COLOR = (255, 0, 0)
+UNCERTAIN_COLOR = (255, 200, 0)
+GRID_TOLERANCE_VOXELS = 0.01  # NIfTI stores its geometry in float32
+
+
+def dicom_output_files(case: str, folder: str | os.PathLike) -> tuple[Path, Path]:
+    folder = Path(folder)
+    return folder / f"{case}{RTSTRUCT_SUFFIX}", folder / f"{case}{SEG_SUFFIX}"
+
+
+def grid_mismatch(size: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+                  direction: Sequence[float], series: DicomSeries) -> str | None:
+    """None when an image grid (SimpleITK order) holds exactly the series' voxel centres, in any axis order or
+    direction; else what differs."""
+    if int(np.prod(size)) != int(np.prod(series.size_xyz)):
+        return f"size {tuple(size)} against the series' {series.size_xyz} (columns, rows, slices)"
+    to_world = np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(spacing)
+    series_to_world = np.asarray(series.direction).reshape(3, 3) @ np.diag(series.spacing_xyz)
+    corners = np.array([[i, j, k] for i in (0, series.size_xyz[0] - 1) for j in (0, series.size_xyz[1] - 1)
+                        for k in (0, series.size_xyz[2] - 1)], dtype=float)
+    world = np.asarray(series.origin)[None] + corners @ series_to_world.T
+    try:
+        index = np.linalg.solve(to_world, (world - np.asarray(origin)[None]).T).T
+    except np.linalg.LinAlgError:
+        return "a singular direction matrix"
+    if np.abs(index - np.round(index)).max() > GRID_TOLERANCE_VOXELS or index.min() < -GRID_TOLERANCE_VOXELS \
+            or (index - (np.asarray(size) - 1)[None]).max() > GRID_TOLERANCE_VOXELS:
+        return (f"spacing {tuple(round(s, 4) for s in spacing)}, origin {tuple(round(o, 3) for o in origin)} do not "
+                f"place the voxels on the series' (spacing {tuple(round(s, 4) for s in series.spacing_xyz)}, origin "
+                f"{tuple(round(o, 3) for o in series.origin)})")
+    return None
+
+
+def on_series_grid(image: sitk.Image, series: DicomSeries, name: str) -> np.ndarray:
+    """``image`` as a (slices, rows, columns) array in the series' slice order."""
+    problem = grid_mismatch(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(), series)
+    if problem:
+        raise DicomInputError(f"{name}: not on the grid of the CT series in {series.folder}: {problem}")
+    resampled = sitk.Resample(image, reference_image(series), sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                              image.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
+
+
+def write_dicom_outputs(series: DicomSeries, segmentation: sitk.Image, entropy: sitk.Image | None,
+                        folder: str | os.PathLike, case: str) -> tuple[Path, Path]:
+    """Write ``<case>_RTSTRUCT.dcm`` and ``<case>_SEG.dcm`` into ``folder``; returns their paths."""
+    rtstruct_file, seg_file = dicom_output_files(case, folder)
+    gtv = on_series_grid(segmentation, series, f"{case} segmentation") > 0
+    rois = [Roi("GTV", gtv, GTV_COLOR, "GTV", "fused GTV of the multi-scale ensemble (largest component)")]
+    if entropy is not None:
+        uncertain = on_series_grid(entropy, series, f"{case} entropy") > 1e-6
+        rois.append(Roi("GTV_uncertain", uncertain, UNCERTAIN_COLOR, "",
+                        "voxels where the ensemble's models disagree (vote entropy > 0); not a treatment volume"))
+    write_rtstruct(series, rois, rtstruct_file)
+    write_seg(series, gtv, seg_file)
+    return rtstruct_file, seg_file
+
+
+def write_run_outputs(series_by_case: dict[str, DicomSeries], output_folder: str | os.PathLike, file_ending: str,
+                      done: Sequence[str], skipped: Sequence[str], log: Callable[[str], None] = print) -> list[str]:
+    """RTSTRUCT and SEG of every case with a series that this run finished (``done``), or finished before
+    (``skipped`` by --continue) without its DICOM files; from the fused images in ``output_folder``. Returns one
+    error message per case that failed (its DICOM files are removed)."""
+    folder = Path(output_folder)
+    failures, written = [], 0
+    for case in [*done, *skipped]:
+        series = series_by_case.get(case)
+        files = dicom_output_files(case, folder)
+        if series is None or (case in skipped and all(f.is_file() for f in files)):
+            continue
+        try:
+            entropy_file = folder / f"{case}{ENTROPY_SUFFIX}{file_ending}"
+            entropy = sitk.ReadImage(str(entropy_file)) if entropy_file.is_file() else None
+            write_dicom_outputs(series, sitk.ReadImage(str(folder / f"{case}{file_ending}")), entropy, folder, case)
+            written += 1
+        except Exception as err:  # noqa: BLE001 - pydicom/highdicom/SimpleITK: that case fails, the run goes on
+            for file in files:
+                file.unlink(missing_ok=True)
+            failures.append(f"{case}: DICOM outputs not written ({type(err).__name__}: {err})")
+    if written:
+        log(f"DICOM: wrote {written} case(s)' {RTSTRUCT_SUFFIX[1:]} and {SEG_SUFFIX[1:]} to {folder}")
+    return failures
