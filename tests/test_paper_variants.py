@@ -93,30 +93,39 @@ def test_variant_refuses_plans_whose_patch_it_cannot_pool(gtv_dataset, monkeypat
         start(nnUNetTrainerGTVLocal_UNet25D, [16, 60, 60])
 
 
+def write_untrained_model(trainer_class: type, gtv_dataset, results: Path, monkeypatch,
+                          edit=lambda network: None) -> Path:
+    """A model folder as nnUNetv2_train leaves it (plans.json, dataset.json, fold_0/checkpoint_final.pth), from a
+    freshly initialised trainer whose network ``edit`` may change first; returns the folder."""
+    for name, path in {**gtv_dataset["dirs"], "nnUNet_results": str(results)}.items():
+        monkeypatch.setenv(name, path)
+    plans, dataset_json = _plans(gtv_dataset)
+    trainer = trainer_class(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    with torch.no_grad():
+        edit(trainer.network)
+    folder = Path(trainer.output_folder_base)
+    Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    for name, doc in (("plans.json", plans), ("dataset.json", dataset_json)):
+        (folder / name).write_text(json.dumps(doc))
+    return folder
+
+
 def test_vnet_checkpoint_loads_through_nnunets_predictor_and_gtv_predict(gtv_dataset, tmp_path, monkeypatch):
     """A checkpoint written by the trainer is rebuilt from its trainer name alone, with the same weights."""
     from nnunetv2_gtv.inference.models import ModelSpec, load_model
     from nnunetv2_gtv.network.vnet import VNet3D
     from nnunetv2_gtv.training.paper_variants import nnUNetTrainerGTVLocal_VNet3D_smoke
 
-    dirs = {**gtv_dataset["dirs"], "nnUNet_results": str(tmp_path)}
-    for name, path in dirs.items():
-        monkeypatch.setenv(name, path)
-    plans, dataset_json = _plans(gtv_dataset)
-    trainer = nnUNetTrainerGTVLocal_VNet3D_smoke(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
-    trainer.initialize()
-    folder = Path(trainer.output_folder_base)
-    Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
-    for name, doc in (("plans.json", plans), ("dataset.json", dataset_json)):
-        (folder / name).write_text(json.dumps(doc))
-
-    model = load_model(ModelSpec("VNet", type(trainer).__name__, 0, folder), torch.device("cpu"), 0.5, False)
+    folder = write_untrained_model(nnUNetTrainerGTVLocal_VNet3D_smoke, gtv_dataset, tmp_path, monkeypatch)
+    saved = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    model = load_model(ModelSpec("VNet", saved["trainer_name"], 0, folder), torch.device("cpu"), 0.5, False)
     network = model.predictor.network
     assert isinstance(network, VNet3D) and model.required_divisor == (4, 16, 16) and model.sampling_region == "local"
-    model.predictor.network.load_state_dict(model.predictor.list_of_parameters[0])
-    expected = trainer.network.state_dict()
-    assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items())
+    network.load_state_dict(model.predictor.list_of_parameters[0])
+    assert network.state_dict().keys() == saved["network_weights"].keys()
+    assert all(torch.equal(value, saved["network_weights"][key]) for key, value in network.state_dict().items())
     shutil.rmtree(folder)
 
 
