@@ -5,7 +5,8 @@ nnU-Net v2.8.1 looks planners up by name inside the ``nnunetv2`` package only, a
 environment variable in every shell, and breaks pickling of the trainer). Registration therefore writes one
 small sub-package of import shims into each of those two places in the installed nnunetv2::
 
-    nnunetv2/training/nnUNetTrainer/variants/nnunetv2_gtv_plugin/{__init__.py, nnUNetTrainerGTV25D.py}
+    nnunetv2/training/nnUNetTrainer/variants/nnunetv2_gtv_plugin/{__init__.py, nnUNetTrainerGTV25D.py,
+                                                                  paper_variants.py}
     nnunetv2/experiment_planning/experiment_planners/nnunetv2_gtv_plugin/{__init__.py, nnUNetPlannerGTV25D.py}
 
 Each shim only re-exports classes that live in this package, so the class objects (and pickles, checkpoints)
@@ -67,11 +68,15 @@ TRAINER_NAMES = (
     "nnUNetTrainerGTV25DMiddle_cpu",
     "nnUNetTrainerGTV25DGlobal_cpu",
 )
+PAPER_VARIANT_NAMES = tuple(f"nnUNetTrainerGTVLocal_{network}{suffix}" for network in (
+    "UNet3D", "VNet3D", "UNet25D", "UNet25D_PE", "UNet25D_PE_AG", "UNet25D_PE_AM") for suffix in ("", "_smoke"))
 PLANNER_NAMES = ("nnUNetPlannerGTV25D",)
 
 SHIMS = (
     ShimModule(("training", "nnUNetTrainer", "variants"), "nnUNetTrainerGTV25D",
                "nnunetv2_gtv.training.nnUNetTrainerGTV25D", TRAINER_NAMES),
+    ShimModule(("training", "nnUNetTrainer", "variants"), "paper_variants",
+               "nnunetv2_gtv.training.paper_variants", PAPER_VARIANT_NAMES),
     ShimModule(("experiment_planning", "experiment_planners"), "nnUNetPlannerGTV25D",
                "nnunetv2_gtv.planning.nnUNetPlannerGTV25D", PLANNER_NAMES),
 )
@@ -193,7 +198,7 @@ def check() -> tuple[str, list[LookupResult]]:
             importlib.import_module(shim.source_module)
         except Exception as error:  # report any import failure of our own module, with its cause
             results.append(LookupResult("module", shim.source_module, False, f"cannot be imported: {error!r}"))
-    for name in TRAINER_NAMES:
+    for name in TRAINER_NAMES + PAPER_VARIANT_NAMES:
         try:
             cls = recursive_find_trainer_class_by_name(name)
             ok = cls.__module__.startswith("nnunetv2_gtv.")

@@ -65,16 +65,24 @@ def vvc_plot(one_minus_dice: list[float], vvc: list[float], stats: dict, path: P
     _save(figure, path)
 
 
-def dice_box_plot(dice_by_source: dict[str, list[float]], path: Path) -> None:
-    """One box per source (fused, model_1, ...) with the per-case Dice values as points."""
-    figure, axes = _figure(max(4.0, 1.2 * len(dice_by_source) + 2), 4)
-    names = list(dice_by_source)
-    axes.boxplot([dice_by_source[n] for n in names])
+def box_plot(values_by_source: dict[str, list[float]], path: Path, ylabel: str, title: str,
+             ylim: tuple[float, float] | None = None) -> None:
+    """One box per source with its per-case values as points (non-finite values left out)."""
+    figure, axes = _figure(max(4.0, 1.2 * len(values_by_source) + 2), 4)
+    names = list(values_by_source)
+    finite = {n: [v for v in values_by_source[n] if math.isfinite(v)] for n in names}
+    axes.boxplot([finite[n] for n in names])
     axes.set_xticks(range(1, len(names) + 1), names)
     for i, name in enumerate(names, start=1):
-        values = dice_by_source[name]
+        values = finite[name]
         axes.scatter(np.full(len(values), i) + np.linspace(-0.08, 0.08, len(values)), values, s=12, color="k", zorder=3)
-    axes.set_ylabel("Dice")
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_title("Dice per case")
+    axes.set_ylabel(ylabel)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.set_title(title)
     _save(figure, path)
+
+
+def dice_box_plot(dice_by_source: dict[str, list[float]], path: Path) -> None:
+    """One box per source (fused, model_1, ...) with the per-case Dice values as points."""
+    box_plot(dice_by_source, path, "Dice", "Dice per case", (-0.02, 1.02))

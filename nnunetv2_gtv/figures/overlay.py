@@ -112,3 +112,24 @@ def overlay_plot(case: str, overlay: Overlay, path: Path) -> None:
                     f"{entropy}", fontsize=9)
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png", dpi=OVERLAY_DPI)
+
+
+def attention_plot(ct: np.ndarray, segmentation: np.ndarray, attention: np.ndarray, aspect: float, title: str,
+                   path: Path) -> None:
+    """One axial slice: the CT, the CT with the segmentation's contour, the attention map as a heat map on it."""
+    figure = Figure(figsize=(11, 4))
+    axes = figure.subplots(1, 3)
+    for ax, panel in zip(axes, ("CT", "segmentation", "attention")):
+        ax.imshow(np.clip(ct, *HU_WINDOW), cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], aspect=aspect)
+        if panel == "attention":
+            heat = ax.imshow(attention, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.5, aspect=aspect)
+            figure.colorbar(heat, ax=ax, fraction=0.046, label="attention")
+        if panel != "CT" and segmentation.any():
+            ax.contour(segmentation.astype(float), levels=[0.5], colors=FUSED_COLOUR, linewidths=1.0)
+        ax.set_title(panel)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)

@@ -32,7 +32,7 @@ from nnunetv2_gtv.evaluation.folders import (
     SUPPORTED_ENDINGS, EvaluationInputError, check_same_grid, find_image, read_summary_json, read_volume,
 )
 from nnunetv2_gtv.figures.overlay import ENTROPY_ALPHA, ENTROPY_CMAP, FUSED_COLOUR
-from nnunetv2_gtv.figures.slices import AXIAL, DisplayFrame, colour_table, compose_rgb, crop_box, window_to_uint8
+from nnunetv2_gtv.figures.slices import DisplayFrame, colour_table, compose_rgb, crop_box, window_to_uint8
 
 PAGE_NAME = "review.html"
 DEFAULT_ENDING = ".nii.gz"  # tried first; every ending of SUPPORTED_ENDINGS is accepted

@@ -1,0 +1,322 @@
+"""Compare several models' segmentations of the same cases against one reference, as the paper's tables.
+
+Each input is a prediction folder (``<case><file_ending>`` segmentations, e.g. of ``nnUNetv2_predict`` or
+``gtv-predict``) or a ``gtv-evaluate`` output folder (its ``metrics.csv`` rows of the fused segmentation are
+used, after checking that it was evaluated against the same reference and label). Per case: Dice, ASSD, HD95,
+RVE (:mod:`nnunetv2_gtv.evaluation.metrics`); per input: mean ± sample sd over the cases, and a paired
+two-sided Wilcoxon signed-rank test (scipy) of each input against the baseline (default: the first) over the
+cases where both values are finite. With fewer than 6 paired cases a two-sided Wilcoxon test cannot reach
+p < 0.05 (its smallest p is 2 / 2^n), so such p-values are flagged. Inference seconds per case are taken from
+``<prediction folder>/timings.csv`` (columns ``case``, ``seconds``) when a folder has one.
+
+Every input must hold exactly the same cases, on the reference's grid, with labels from one label set; anything
+else raises :class:`~nnunetv2_gtv.evaluation.folders.EvaluationInputError` naming the files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from nnunetv2_gtv.evaluation import plots
+from nnunetv2_gtv.evaluation.folders import (
+    EvaluationInputError,
+    atomic_output,
+    check_same_grid,
+    detect_file_ending,
+    find_image,
+    list_cases,
+    parse_float,
+    read_volume,
+)
+from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, compute_metrics, summarise
+from nnunetv2_gtv.evaluation.pipeline import FUSED
+from nnunetv2_gtv.evaluation.report import JSON_NAME as EVALUATION_JSON
+from nnunetv2_gtv.evaluation.report import METRICS_CSV, _json_safe, _table, _write_csv
+
+MIN_PAIRED_CASES = 6
+TIMINGS_CSV = "timings.csv"
+SECONDS = "seconds"
+OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison_per_case.csv")
+# paper's units: Dice in percent, distances in mm, RVE in percent
+TABLE_METRICS = {"dice": ("Dice (%)", 100.0, 2), "assd_mm": ("ASSD (mm)", 1.0, 2), "hd95_mm": ("HD95 (mm)", 1.0, 2),
+                 "rve_percent": ("RVE (%)", 1.0, 2)}
+
+
+@dataclass(frozen=True)
+class CompareInput:
+    """One row of the table: its name and folder (predictions or a gtv-evaluate output)."""
+
+    name: str
+    folder: Path
+
+
+@dataclass
+class Comparison:
+    """Per-case metrics of every input (same cases for all) and what the tables are made from."""
+
+    reference: Path
+    label: int
+    baseline: str
+    inputs: list[CompareInput]
+    cases: list[str]
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # name -> case -> metric -> value
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> case -> inference seconds
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_input(text: str) -> CompareInput:
+    """``NAME=FOLDER`` or ``FOLDER`` (named after the folder)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        name, folder = Path(text).name, text
+    if not name or not folder:
+        raise EvaluationInputError(f"input '{text}': write NAME=FOLDER or FOLDER")
+    return CompareInput(name, Path(folder))
+
+
+def _is_evaluation(folder: Path) -> bool:
+    return (folder / METRICS_CSV).is_file() and (folder / EVALUATION_JSON).is_file()
+
+
+def _declared_labels(folder: Path) -> set[int] | None:
+    """Label values of ``folder/dataset.json`` (nnU-Net writes one into its prediction folders), else None."""
+    path = folder / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        labels = json.loads(path.read_text())["labels"]
+        return {int(v) for value in labels.values() for v in (value if isinstance(value, list) else [value])}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvaluationInputError(f"{path}: cannot read its 'labels' ({error})") from None
+
+
+def _timings(folder: Path) -> dict[str, float]:
+    path = folder / TIMINGS_CSV
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"case", SECONDS} <= set(reader.fieldnames):
+            raise EvaluationInputError(f"{path}: needs the columns 'case' and '{SECONDS}'")
+        return {row["case"]: parse_float(row[SECONDS]) for row in reader}
+
+
+def _evaluation_metrics(item: CompareInput, reference: Path, label: int) -> tuple[dict[str, dict], Path]:
+    """Fused rows of a gtv-evaluate output, checked to be against ``reference`` and ``label``."""
+    doc_path = item.folder / EVALUATION_JSON
+    try:
+        doc = json.loads(doc_path.read_text())
+        evaluated_against, evaluated_label = Path(doc["inputs"]["reference"]), int(doc["settings"]["label"])
+        predictions = Path(doc["inputs"]["predictions"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvaluationInputError(f"{doc_path}: not a gtv-evaluate report ({error})") from None
+    if evaluated_against.resolve() != reference.resolve():
+        raise EvaluationInputError(f"{doc_path}: evaluated against {evaluated_against}, not the reference {reference}")
+    if evaluated_label != label:
+        raise EvaluationInputError(f"{doc_path}: evaluated label {evaluated_label}, not --label {label}")
+    with open(item.folder / METRICS_CSV, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("source") == FUSED]
+    return {row["case"]: {name: parse_float(row.get(name)) for name in METRIC_NAMES} for row in rows}, predictions
+
+
+def _check_same_cases(found: dict[str, list[str]]) -> list[str]:
+    names = list(found)
+    first = set(found[names[0]])
+    for name in names[1:]:
+        other = set(found[name])
+        if other != first:
+            raise EvaluationInputError(
+                f"inputs '{names[0]}' and '{name}' hold different cases (only in '{names[0]}': "
+                f"{', '.join(sorted(first - other)) or '-'}; only in '{name}': {', '.join(sorted(other - first)) or '-'})"
+                "; compare the same cases")
+    return sorted(first)
+
+
+def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], reference_values: set[int],
+                  label: int) -> None:
+    """One label set for all inputs: the declared sets (dataset.json) agree, observed values lie within it."""
+    sets = list(declared.items())
+    for name, labels in sets[1:]:
+        if labels != sets[0][1]:
+            raise EvaluationInputError(f"'{sets[0][0]}' has labels {sorted(sets[0][1])} but '{name}' has "
+                                       f"{sorted(labels)} (dataset.json): compare models of one label set")
+    allowed = sets[0][1] if sets else reference_values | {0}
+    for name, values in observed.items():
+        if not values <= allowed:
+            raise EvaluationInputError(f"'{name}' holds labels {sorted(values - allowed)} that are not in the label "
+                                       f"set {sorted(allowed)}: compare models of one label set")
+    if label not in allowed:
+        raise EvaluationInputError(f"--label {label} is not in the label set {sorted(allowed)}")
+
+
+def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int = 1,
+                    baseline: str | None = None) -> Comparison:
+    """Per-case metrics of every input against ``reference``; raises EvaluationInputError on unusable inputs."""
+    reference = Path(reference)
+    names = [item.name for item in inputs]
+    if len(inputs) < 2:
+        raise EvaluationInputError(f"gtv-compare needs at least two inputs to compare, got {len(inputs)}")
+    if len(set(names)) != len(names):
+        raise EvaluationInputError(f"input names must differ, got {names}")
+    baseline = names[0] if baseline is None else baseline
+    if baseline not in names:
+        raise EvaluationInputError(f"baseline '{baseline}' is none of the inputs {names}")
+    if not reference.is_dir():
+        raise EvaluationInputError(f"{reference}: reference labels folder does not exist")
+    for item in inputs:
+        if not item.folder.is_dir():
+            raise EvaluationInputError(f"{item.folder}: folder of input '{item.name}' does not exist")
+
+    evaluations, prediction_folders, endings, found = {}, {}, {}, {}
+    for item in inputs:
+        if _is_evaluation(item.folder):
+            evaluations[item.name], prediction_folders[item.name] = _evaluation_metrics(item, reference, label)
+            found[item.name] = list(evaluations[item.name])
+        else:
+            prediction_folders[item.name] = item.folder
+            endings[item.name] = detect_file_ending(item.folder)
+            found[item.name] = list_cases(item.folder, endings[item.name])
+            if not found[item.name]:
+                raise EvaluationInputError(f"{item.folder}: no segmentations <case>{endings[item.name]}")
+    cases = _check_same_cases(found)
+    result = Comparison(reference, label, baseline, list(inputs), cases)
+    ending = next(iter(endings.values()), None) or detect_file_ending(reference)
+    references = {case: find_image(reference, case, ending) for case in cases}
+    missing = [f"{case}{ending}" for case, path in references.items() if path is None]
+    if missing:
+        raise EvaluationInputError(f"{reference}: no reference label for {len(missing)} of {len(cases)} cases: "
+                                   f"{', '.join(missing)}")
+
+    declared = {item.name: labels for item in inputs
+                if item.name in endings and (labels := _declared_labels(item.folder)) is not None}
+    observed: dict[str, set[int]] = {name: set() for name in endings}
+    reference_values: set[int] = set()
+    for case in cases:
+        ref = read_volume(references[case])
+        reference_values |= set(np.unique(ref.array).tolist())
+        for name, file_ending in endings.items():
+            prediction = read_volume(prediction_folders[name] / f"{case}{file_ending}")
+            check_same_grid(prediction, ref)
+            observed[name] |= set(np.unique(prediction.array).tolist())
+            values = compute_metrics(prediction.array == label, ref.array == label, ref.spacing_zyx)
+            result.metrics.setdefault(name, {})[case] = {n: getattr(values, n) for n in METRIC_NAMES}
+    _check_labels(declared, observed, reference_values, label)
+    for name in names:
+        if name in evaluations:
+            result.metrics[name] = evaluations[name]
+        timings = _timings(prediction_folders[name]) if prediction_folders[name].is_dir() else {}
+        if timings:
+            result.seconds[name] = {case: timings.get(case, float("nan")) for case in cases}
+        else:
+            result.notes.append(f"'{name}': no {TIMINGS_CSV} in {prediction_folders[name]}: no inference time")
+    return result
+
+
+def paired_test(values: Sequence[float], baseline: Sequence[float]) -> dict:
+    """Two-sided Wilcoxon signed-rank test over the pairs where both values are finite.
+
+    ``p`` is NaN with fewer than 2 pairs, 1.0 when every difference is 0; ``few_cases`` flags n < 6.
+    """
+    pairs = [(a, b) for a, b in zip(values, baseline) if math.isfinite(a) and math.isfinite(b)]
+    n = len(pairs)
+    if n < 2:
+        p = float("nan")
+    elif all(a == b for a, b in pairs):
+        p = 1.0
+    else:
+        a, b = map(np.asarray, zip(*pairs))
+        p = float(stats.wilcoxon(a, b, alternative="two-sided").pvalue)
+    return {"p": p, "n": n, "few_cases": n < MIN_PAIRED_CASES}
+
+
+def summary_rows(result: Comparison) -> list[dict]:
+    """Per input: mean/sd per metric (paper units), the test against the baseline, mean inference seconds."""
+    rows = []
+    for item in result.inputs:
+        per_case = result.metrics[item.name]
+        row = {"name": item.name, "folder": str(item.folder), "cases": len(result.cases),
+               "baseline": item.name == result.baseline}
+        for metric, (_, scale, _) in TABLE_METRICS.items():
+            values = [per_case[case][metric] * scale for case in result.cases]
+            base = [result.metrics[result.baseline][case][metric] * scale for case in result.cases]
+            row[metric] = summarise(values)
+            row[f"{metric}_test"] = None if item.name == result.baseline else paired_test(values, base)
+        seconds = result.seconds.get(item.name)
+        row[SECONDS] = summarise([seconds[c] for c in result.cases]) if seconds else None
+        rows.append(row)
+    return rows
+
+
+def _mean_sd(stats_: dict | None, digits: int) -> str:
+    if stats_ is None or not math.isfinite(stats_["mean"]):
+        return "–"
+    sd = f" ± {stats_['std']:.{digits}f}" if math.isfinite(stats_["std"]) else ""
+    return f"{stats_['mean']:.{digits}f}{sd}"
+
+
+def _p_text(test: dict | None) -> str:
+    if test is None:
+        return "baseline"
+    text = "–" if not math.isfinite(test["p"]) else f"{test['p']:.3g}"
+    return text + (f" (n={test['n']} < {MIN_PAIRED_CASES})" if test["few_cases"] else "")
+
+
+def markdown(result: Comparison, rows: list[dict], command: str) -> str:
+    """comparison.md: the table (mean ± sd) and the p-values against the baseline."""
+    header = ["Method"] + [label for label, _, _ in TABLE_METRICS.values()] + ["Time per case (s)"]
+    table = [[row["name"]] + [_mean_sd(row[m], digits) for m, (_, _, digits) in TABLE_METRICS.items()]
+             + [_mean_sd(row[SECONDS], 2)] for row in rows]
+    p_header = ["Method"] + [f"p {label}" for label, _, _ in TABLE_METRICS.values()]
+    p_table = [[row["name"]] + [_p_text(row[f"{m}_test"]) for m in TABLE_METRICS] for row in rows]
+    lines = ["# Comparison", "", f"`{command}`", "",
+             f"{len(result.cases)} cases, label {result.label}, reference `{result.reference}`; mean ± sample sd "
+             "over cases.", ""]
+    lines += _table(header, table)
+    lines += ["", f"Paired two-sided Wilcoxon signed-rank tests against **{result.baseline}** (scipy); with fewer "
+              f"than {MIN_PAIRED_CASES} paired cases p cannot fall below 0.05 and is flagged.", ""]
+    lines += _table(p_header, p_table)
+    lines += [""] + [f"![{label}](box_{metric}.png)" for metric, (label, _, _) in TABLE_METRICS.items()]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(result: Comparison, output_dir: Path, command: str) -> list[Path]:
+    """comparison.md/.csv/.json, comparison_per_case.csv and box_<metric>.png in ``output_dir`` (each atomic)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(result)
+    md, summary_csv, json_file, per_case_csv = (output_dir / name for name in OUTPUT_NAMES)
+    header = ["method", "cases"] + [f"{m}_{k}" for m in TABLE_METRICS for k in ("mean", "sd", "p", "n_paired")]
+    _write_csv(summary_csv, header + ["seconds_mean", "seconds_sd"], [
+        [row["name"], row["cases"]]
+        + [v for m in TABLE_METRICS for v in (row[m]["mean"], row[m]["std"],
+                                              *((row[f"{m}_test"]["p"], row[f"{m}_test"]["n"])
+                                                if row[f"{m}_test"] else ("", "")))]
+        + ([row[SECONDS]["mean"], row[SECONDS]["std"]] if row[SECONDS] else ["", ""]) for row in rows])
+    _write_csv(per_case_csv, ["method", "case", *METRIC_NAMES, SECONDS], [
+        [item.name, case] + [result.metrics[item.name][case][m] for m in METRIC_NAMES]
+        + [result.seconds.get(item.name, {}).get(case, float("nan"))]
+        for item in result.inputs for case in result.cases])
+    doc = {"command": command, "reference": str(result.reference), "label": result.label,
+           "baseline": result.baseline, "cases": result.cases, "units": {m: label for m, (label, _, _)
+                                                                         in TABLE_METRICS.items()},
+           "min_paired_cases": MIN_PAIRED_CASES, "summary": rows, "per_case": result.metrics,
+           "seconds": result.seconds, "notes": result.notes}
+    with atomic_output(json_file) as tmp:
+        tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+    pngs = []
+    for metric, (label, scale, _) in TABLE_METRICS.items():
+        pngs.append(output_dir / f"box_{metric}.png")
+        plots.box_plot({item.name: [result.metrics[item.name][c][metric] * scale for c in result.cases]
+                        for item in result.inputs}, pngs[-1], label, f"{label} per case")
+    with atomic_output(md) as tmp:
+        tmp.write_text(markdown(result, rows, command))
+    return [md, summary_csv, json_file, per_case_csv, *pngs]
