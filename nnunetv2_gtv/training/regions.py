@@ -10,11 +10,11 @@ from the superior end:
   posterior). The nasopharynx lies at the skull base, well above the mandible's lower border, and the parotids end
   near it, so the margin covers both whatever the area profile looks like;
 - **middle** (head and neck) ends at the *lung apex*: the first slice below the mandible where air inside the body
-  (below the body threshold, so it needs no air window) forms a piece of ``lung_mm2`` that persists. The larynx
-  lies in the neck above the thoracic inlet.
+  forms two pieces of at least ``lung_mm2`` (left and right lung; pharynx, larynx and trachea are one piece) that
+  persist. The larynx lies in the neck, above the thoracic inlet.
 
-Where the anatomy does not show these (bone hidden by the intensity normalisation, or no direction given; no lung
-in a scan that ends in the neck), the cross-sectional area profile stands in: the head ends where the area drops
+Where the anatomy does not show these (bone or air hidden by the intensity normalisation, or no direction given; no
+lung in a scan that ends in the neck), the cross-sectional area profile stands in: the head ends where the area drops
 towards the narrowest level below it (the neck), the shoulders begin where it rises well above it. When neither
 finds a border, the region falls back to the next larger one (local to middle, middle to the body), which is
 always the safe side; every fallback is named in ``CaseRegions.fallbacks`` with its reason in
@@ -98,8 +98,9 @@ class RegionSettings:
     bone_gap_mm: float = 7.0  # ... and a gap this long ends the head's bone (below the mandible)
     min_head_bone_mm: float = 30.0  # the head's bone runs at least this far (else it is no head: clavicles, noise)
     head_margin_mm: float = 20.0  # local ends this far below the mandible (parotid tails, upper neck)
-    lung_mm2: float = 1000.0  # a piece of air inside the body this large is lung (trachea and larynx are smaller)
-    lung_run_mm: float = 15.0  # ... when it stays this large for this far down (or to the end of the scan)
+    lung_mm2: float = 500.0  # two pieces of air inside the body this large are the lungs (the airway is one piece)
+    merged_lung_mm2: float = 2000.0  # ... or one piece this large: both lungs joined (the airway never is)
+    lung_run_mm: float = 15.0  # ... when they stay this large for this far down (or to the end of the scan)
 
 
 @dataclass(frozen=True)
@@ -435,16 +436,18 @@ def _mandible_above(bone_mm2: np.ndarray, first_gap: int, lungs: int, settings: 
 def lung_level(image: np.ndarray, mask: np.ndarray, air_threshold: float, start: int, slice_mm: float,
                pixel_mm2: float, settings: RegionSettings = RegionSettings()) -> int | None:
     """First slice at or below ``start`` (superior first) where air inside the body (not above ``air_threshold``)
-    forms one piece of at least lung_mm2 that stays that large for lung_run_mm (or to the end of the scan), one
-    slice excepted (a slice where the body mask lost the chest to an arm or the field of view)."""
+    forms two pieces of at least lung_mm2 each (left and right lung; pharynx, larynx and trachea are one piece), or
+    one of merged_lung_mm2 (both lungs joined), that stay so for lung_run_mm (or to the end of the scan), one slice
+    excepted (a slice where the body mask lost the chest to an arm or the field of view)."""
     n = mask.shape[0]
     large = np.zeros(n, bool)
     for index in range(max(0, start), n):
         air = mask[index] & ~(image[index] > air_threshold)
-        if air.sum() * pixel_mm2 < settings.lung_mm2:
+        if air.sum() * pixel_mm2 < 2 * settings.lung_mm2:
             continue
         pieces, _ = ndimage.label(air)
-        large[index] = np.bincount(pieces.ravel())[1:].max() * pixel_mm2 >= settings.lung_mm2
+        sizes = np.sort(np.bincount(pieces.ravel())[1:])[::-1] * pixel_mm2
+        large[index] = sizes[0] >= settings.merged_lung_mm2 or (sizes.size > 1 and sizes[1] >= settings.lung_mm2)
     run = max(1, int(np.ceil(settings.lung_run_mm / slice_mm)))
     for index in np.nonzero(large)[0]:
         following = large[index:index + run]
