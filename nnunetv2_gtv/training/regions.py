@@ -9,9 +9,10 @@ from the superior end:
   continuously down from the skull in the anterior part of the body (skull, face, mandible; the cervical spine is
   posterior). The nasopharynx lies at the skull base, well above the mandible's lower border, and the parotids end
   near it, so the margin covers both whatever the area profile looks like;
-- **middle** (head and neck) ends at the *lung apex*: the first slice below the mandible where air inside the body
-  forms two pieces of at least ``lung_mm2`` (left and right lung; pharynx, larynx and trachea are one piece) that
-  persist. The larynx lies in the neck, above the thoracic inlet.
+- **middle** (head and neck) ends ``middle_margin_mm`` below the *lung apex*: the first slice below the mandible
+  where air inside the body forms two pieces of at least ``lung_mm2`` (left and right lung; pharynx, larynx and
+  trachea are one piece) that persist. The larynx lies in the neck, above the thoracic inlet; the margin covers
+  larynx contours that reach down to it.
 
 Where the anatomy does not show these (bone or air hidden by the intensity normalisation, or no direction given; no
 lung in a scan that ends in the neck), the cross-sectional area profile stands in: the head ends where the area drops
@@ -101,6 +102,7 @@ class RegionSettings:
     lung_mm2: float = 500.0  # two pieces of air inside the body this large are the lungs (the airway is one piece)
     merged_lung_mm2: float = 2000.0  # ... or one piece this large: both lungs joined (the airway never is)
     lung_run_mm: float = 15.0  # ... when they stay this large for this far down (or to the end of the scan)
+    middle_margin_mm: float = 10.0  # middle ends this far below the lung apex (some larynx contours reach it)
 
 
 @dataclass(frozen=True)
@@ -528,7 +530,8 @@ def _region_ends(levels: Levels, profile: np.ndarray, mandible: int | None, lung
     rules, fallbacks, warnings = {}, [], []
     shoulders = levels.shoulders if mandible is None else shoulders_below(profile, mandible + 1, settings)
     if lungs is not None:
-        middle, rules["middle"] = lungs, "the lung apex"
+        middle = lungs + int(np.ceil(settings.middle_margin_mm / slice_mm))
+        rules["middle"] = f"the lung apex + {settings.middle_margin_mm:g} mm"
     elif shoulders is not None:
         middle, rules["middle"] = shoulders, "the shoulders (area profile; no lung in the scan)"
     else:
