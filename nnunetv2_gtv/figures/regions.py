@@ -20,7 +20,8 @@ import numpy as np
 from nnunetv2_gtv.ensemble.writing import write_file
 from nnunetv2_gtv.figures.slices import VIEWS, DisplayFrame, View
 from nnunetv2_gtv.training.regions import (
-    BODY_THRESHOLD_HU, CACHE_FOLDER, REGION_NAMES, CaseRegions, body_threshold_from_plans, compute_regions,
+    BODY_THRESHOLD_HU, BONE_THRESHOLD_HU, CACHE_FOLDER, REGION_NAMES, CaseRegions, air_threshold_from_plans,
+    anterior_axis_from_direction, body_threshold_from_plans, bone_threshold_from_plans, compute_regions,
     superior_axis_from_direction,
 )
 
@@ -76,7 +77,9 @@ def load_raw_case(image_path: Path, label_path: Path | None, threshold: float | 
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     direction = tuple(image.GetDirection())
     regions = compute_regions(array, spacing, *superior_axis_from_direction(direction),
-                              BODY_THRESHOLD_HU if threshold is None else threshold)
+                              BODY_THRESHOLD_HU if threshold is None else threshold,
+                              bone_threshold=BONE_THRESHOLD_HU, anterior=anterior_axis_from_direction(direction),
+                              air_threshold=BODY_THRESHOLD_HU)
     name = image_path.name.split(".")[0]
     return Case(name, array, label, spacing, direction, (0, 1, 2), HU_WINDOW, regions, "computed")
 
@@ -151,7 +154,10 @@ def load_preprocessed_case(folder: Path, case: str, plans_path: Path | None, thr
             except ValueError as error:
                 raise InputError(f"{error} (use --threshold)") from None
         regions = compute_regions(image, tuple(configuration["spacing"]),
-                                  *superior_axis_from_direction(direction, transpose_forward), threshold)
+                                  *superior_axis_from_direction(direction, transpose_forward), threshold,
+                                  bone_threshold=bone_threshold_from_plans(plans),
+                                  anterior=anterior_axis_from_direction(direction, transpose_forward),
+                                  air_threshold=air_threshold_from_plans(plans))
         source = "computed"
     inside = image[image > regions.body_threshold]
     window = tuple(float(v) for v in np.percentile(inside, (1, 99))) if inside.size else (image.min(), image.max())
@@ -238,7 +244,7 @@ def _plot_profile(ax, regions: CaseRegions) -> None:
         lo, hi = regions.boxes[name].ranges[regions.superior_axis]
         end = n - lo if regions.superior_is_high else hi  # first slice below the region, counted from the top
         ax.axhline((end - 0.5) * slice_mm, color=COLOURS[name], lw=1.5, label=f"{name} ends")
-    for level, style in (("neck", ":"), ("shoulders", "-.")):
+    for level, style in (("neck", ":"), ("shoulders", "-."), ("mandible", "--"), ("lungs", (0, (1, 3)))):
         index = regions.levels.get(level)
         if index is not None:
             ax.axhline((n - 1 - index if regions.superior_is_high else index) * slice_mm, color="gray", ls=style,

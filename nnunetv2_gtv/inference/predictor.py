@@ -14,7 +14,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_gtv.inference.models import LoadedModel
 from nnunetv2_gtv.inference.settings import InferenceSettings, tile_shape
-from nnunetv2_gtv.training.regions import Box, body_threshold_from_plans, compute_regions, superior_axis_from_direction
+from nnunetv2_gtv.training.regions import (
+    Box, air_threshold_from_plans, anterior_axis_from_direction, body_threshold_from_plans, bone_threshold_from_plans,
+    compute_regions, superior_axis_from_direction,
+)
 
 # foreground logit outside a model's region: softmax gives background probability 1 (and fits float16)
 OUTSIDE_FOREGROUND_LOGIT = -1e4
@@ -52,10 +55,13 @@ class EnsemblePredictor:
         shape = tuple(data.shape[1:])
         if not self.settings.restrict_to_region:
             return {"global": Box.full(shape)}, ()
-        orientation = superior_axis_from_direction(properties["sitk_stuff"]["direction"],
-                                                   self.plans_manager.transpose_forward)
-        regions = compute_regions(data[0].numpy(), self.configuration_manager.spacing, *orientation,
-                                  body_threshold_from_plans(self.plans_manager.plans))
+        direction, transpose_forward = properties["sitk_stuff"]["direction"], self.plans_manager.transpose_forward
+        plans = self.plans_manager.plans
+        regions = compute_regions(data[0].numpy(), self.configuration_manager.spacing,
+                                  *superior_axis_from_direction(direction, transpose_forward),
+                                  body_threshold_from_plans(plans), bone_threshold=bone_threshold_from_plans(plans),
+                                  anterior=anterior_axis_from_direction(direction, transpose_forward),
+                                  air_threshold=air_threshold_from_plans(plans))
         return {**regions.boxes, "global": regions.body_box}, regions.warnings
 
     def predict_logits(self, model: LoadedModel, data: torch.Tensor, boxes: Mapping[str, Box]) -> np.ndarray:
