@@ -44,13 +44,14 @@ def test_files_carry_spacing_direction_and_hounsfield_units(tmp_path):
 
 @pytest.mark.parametrize("orientation", list(synthetic.ORIENTATIONS))
 def test_anatomy_is_the_same_in_the_world_whatever_the_voxel_order(orientation):
-    """The GTV lies in the upper (head) part in world coordinates, the shoulders are widest, in every orientation."""
+    """The GTV is centred in the upper (head) part in world coordinates (sized in mm, a large one can reach below
+    the head in a small field of view), the shoulders are widest, in every orientation."""
     geometry = CaseGeometry((30, 64, 64), (1.0, 1.0, 3.0), synthetic.ORIENTATIONS[orientation])
     image, label = render_case(geometry, np.random.default_rng(0))
     world_z = geometry.world_axes()[2]
-    gtv_z = world_z[np.nonzero(label.any(axis=(1, 2)))[0]]
+    gtv_z = np.repeat(world_z, label.sum(axis=(1, 2)).astype(np.int64))
     relative = (gtv_z - world_z.min()) / (world_z.max() - world_z.min())
-    assert relative.min() > synthetic.HEAD_START - 0.02
+    assert relative.mean() > synthetic.HEAD_START
     body_area = (image > -500).sum(axis=(1, 2))
     lowest_slice = int(np.argmin(world_z))
     neck_slice = int(np.argmin(np.abs((world_z - world_z.min()) / np.ptp(world_z) - (NECK_START + 0.15))))
