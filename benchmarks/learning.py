@@ -122,7 +122,7 @@ def report(dataset_name: str, fused: Path, curves: dict[str, list[float]], train
     print("|---|---:|---:|---:|---:|---:|")
     single_dice = []
     for source in [s for s in summary if s != "fused"]:
-        label = model_names.get(source, source)
+        label = Path(model_names.get(source, source)).name
         single_dice.append(summary[source]["dice"]["mean"])
         scale_name = next((s for s in SCALES if s in label), "")
         paper = PAPER_SINGLE_DICE.get(scale_name)
