@@ -57,8 +57,10 @@ def synthetic_dataset(root: Path, num_train: int, num_test: int) -> tuple[int, P
     """(dataset id, test images, test labels) of a synthetic dataset written into ``root``/nnUNet_raw."""
     from nnunetv2_gtv.demo.synthetic import write_dataset
 
-    raw = write_dataset(root / "nnUNet_raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test,
-                        in_plane_size=128, num_slices=44, orientations="mixed", seed=3)
+    raw = root / "nnUNet_raw" / f"Dataset{SYNTHETIC_ID}_SyntheticGTV"
+    if not (raw / "dataset.json").is_file():  # a rerun with the same --work reuses the dataset
+        raw = write_dataset(root / "nnUNet_raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test,
+                            in_plane_size=128, num_slices=44, orientations="mixed", seed=3)
     return SYNTHETIC_ID, raw / "imagesTs", raw / "labelsTs"
 
 
