@@ -59,6 +59,25 @@ def test_trainer_recipe_follows_the_paper(gtv_dataset, monkeypatch):
     assert isinstance(output, torch.Tensor) and output.shape == (1, 2, 16, 64, 64)
 
 
+def test_end_of_training_validation_batches_tiles_at_the_recipes_step():
+    import importlib
+
+    from nnunetv2_gtv.inference.sliding_window import BatchedTilePredictor, batched_tiles_in_nnunet_validation
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal, nnUNetTrainerGTV25DLocal_cpu
+
+    module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    original = module.nnUNetPredictor
+    with batched_tiles_in_nnunet_validation(1.0, 3):  # what perform_actual_validation builds, as it builds it
+        predictor = module.nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                           perform_everything_on_device=True, device=torch.device("cpu"),
+                                           verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    assert isinstance(predictor, BatchedTilePredictor)
+    assert predictor.tile_step_size == 1.0 and predictor.tiles_per_batch == 3 and predictor.use_mirroring
+    assert module.nnUNetPredictor is original
+    assert nnUNetTrainerGTV25DLocal.validation_step_size == 0.5  # nnU-Net's
+    assert nnUNetTrainerGTV25DLocal_cpu.validation_step_size == 1.0
+
+
 class _RecordingLoader:
     """nnU-Net's loader, recording every patch box it draws (the class is built lazily: nnunetv2 import)."""
 
@@ -122,6 +141,7 @@ def test_each_trainer_trains_validates_and_saves_through_the_stock_cli(trained_m
         checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
         assert checkpoint["trainer_name"] == f"nnUNetTrainerGTV25D{scale}_smoke"
         log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+        assert "memory: freed tensors stay in the process for reuse" in log
         if scale != "Global":
             assert f"training on the '{scale.lower()}' region" in log and "regions case_" in log
         else:

@@ -11,6 +11,10 @@ precision (float16, as nnU-Net does); only floating-point rounding inside the co
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+from typing import Iterator
+
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -54,3 +58,24 @@ class BatchedTilePredictor(nnUNetPredictor):
         if torch.isinf(logits).any():
             raise RuntimeError("infinite logits in the sliding-window sum (float16 overflow)")
         return logits
+
+
+@contextlib.contextmanager
+def batched_tiles_in_nnunet_validation(tile_step_size: float, tiles_per_batch: int) -> Iterator[None]:
+    """While active, nnU-Net's end-of-training validation (``nnUNetTrainer.perform_actual_validation``) predicts
+    with a :class:`BatchedTilePredictor` of ``tiles_per_batch`` tiles per call at ``tile_step_size`` instead of
+    its one-tile ``nnUNetPredictor`` at step 0.5; everything else of the validation stays nnU-Net's.
+
+    nnU-Net builds that predictor from a name of its trainer module, so the name is swapped here and restored.
+    """
+    trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+    original = trainer_module.nnUNetPredictor
+
+    def predictor(**kwargs) -> BatchedTilePredictor:
+        return BatchedTilePredictor(**{**kwargs, "tile_step_size": tile_step_size}, tiles_per_batch=tiles_per_batch)
+
+    trainer_module.nnUNetPredictor = predictor
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetPredictor = original

@@ -9,6 +9,9 @@
 - no deep supervision (the paper has none);
 - 250 iterations per epoch and 68 epochs = 17,000 iterations, the authors' training length.
 
+Freed memory stays in the process for the next tensor (``nnunetv2_gtv.allocator``: the same outputs, a
+training step up to 1.8x faster on the CPU, more resident memory).
+
 nnU-Net's data augmentation is kept unchanged: for a 16 x 64 x 64 patch it switches to "dummy 2D"
 augmentation (in-plane rotation and scaling, mirroring). Logging, checkpoints, validation and export are
 nnU-Net's. The sampling region is the only thing the Local / Middle / Global subclasses change:
@@ -27,6 +30,8 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoM
     nnUNetTrainerNoMirroring
 from nnunetv2.training.nnUNetTrainer.variants.loss.nnUNetTrainerDiceLoss import nnUNetTrainerDiceLoss
 
+from nnunetv2_gtv.allocator import keep_freed_memory
+from nnunetv2_gtv.inference.sliding_window import batched_tiles_in_nnunet_validation, default_tiles_per_batch
 from nnunetv2_gtv.planning.plans_check import assert_gtv_plans
 from nnunetv2_gtv.training.lr_schedule import IterationStepLR
 from nnunetv2_gtv.training.region_dataset import RegionCroppedDataset
@@ -37,6 +42,7 @@ class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
     sampling_region = "global"
     lr_step_iterations = 10_000
     lr_gamma = 0.9
+    validation_step_size = 0.5  # nnU-Net's, for the end-of-training validation
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -47,12 +53,20 @@ class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
         self.enable_deep_supervision = False
         self.num_iterations_per_epoch = 250
         self.num_epochs = 68
+        if keep_freed_memory():
+            self.print_to_log_file("memory: freed tensors stay in the process for reuse (nnunetv2_gtv.allocator)")
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         scheduler = IterationStepLR(optimizer, self.initial_lr, self.num_iterations_per_epoch,
                                     self.lr_step_iterations, self.lr_gamma)
         return optimizer, scheduler
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, its sliding window run several tiles per call (gtv-predict's fast path: the same
+        tiles and weights; on the CPU a tile costs about half) at ``validation_step_size``."""
+        with batched_tiles_in_nnunet_validation(self.validation_step_size, default_tiles_per_batch(self.device)):
+            super().perform_actual_validation(save_probabilities)
 
     def get_tr_and_val_datasets(self):
         """Crop the training cases to this trainer's sampling region; validation stays whole, as in nnU-Net."""
@@ -116,10 +130,13 @@ class _CpuRecipe(nnUNetTrainerNoMirroring):
     - half of each batch centred on foreground (the authors' code; nnU-Net's default is a third), so that a
       short run sees the tumour often enough;
     - no mirroring, neither as augmentation nor at inference: test-time mirroring costs 8 network passes per
-      tile on the CPU; 5 validation iterations per epoch instead of 50 (the pseudo Dice is a progress signal).
+      tile on the CPU; 5 validation iterations per epoch instead of 50 (the pseudo Dice is a progress signal);
+    - the end-of-training validation slides its window at step 1 (no overlap, gtv-predict's CPU default)
+      instead of 0.5: on a clinical CT (107 x 500 x 500 voxels) step 0.5 means 2925 tiles per case, step 1 448.
     """
 
     cpu_batch_size = 4
+    validation_step_size = 1.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
