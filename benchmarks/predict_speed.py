@@ -19,14 +19,21 @@ At clinical size nnU-Net's default inference takes hours per model on a CPU. By 
 is extrapolated from what this run measures: per model, the measured fast run plus the extra tile passes
 (nnU-Net's own tile count at step 0.5 x 8 mirrorings, minus those at step 1) times the measured time of one
 float32 tile pass of nnU-Net's predictor; plus gtv-uncertainty on six folders (the K real ones, repeated).
-``--two-step default`` runs 3. and 4. at nnU-Net's real defaults instead (no extrapolation; a small CT only).
+``--two-step default`` runs 3. and 4. at nnU-Net's real defaults instead (no extrapolation; a small CT only);
+``--two-step none`` skips them (gtv-predict's own times only).
+
+``--isa avx2`` emulates, on a CPU with AVX-512, one without it: oneDNN and ATen are limited to AVX2
+(``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``) in every command, and gtv-predict's defaults run in
+float32, as ``-precision auto`` does on such a CPU (contender 2 is then the same run and is skipped). Clock,
+cores and caches stay this machine's, so it isolates the instruction set only.
 
 Models: the three sampling trainers are trained here for a few iterations (weights do not change the speed)
 and fold 1 is a copy of fold 0. Wall time is measured around each command; peak memory is the largest sum of
 RSS over the command's process tree, sampled every 0.1 s from /proc. The load average is printed: the CPU may
 be shared.
 
-Run: ``python benchmarks/predict_speed.py [--size 512 --slices 130] [--body-mm MM] [--two-step fast|default] [-k K]
+Run: ``python benchmarks/predict_speed.py [--size 512 --slices 130] [--body-mm MM] [--two-step fast|default|none]
+[--isa native|avx2] [-k K]
 [--device cpu|cuda] [--work DIR]``
 """
 from __future__ import annotations
@@ -216,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body-mm", type=float, default=420.0,
                         help="width of the synthetic patient at the shoulders in mm (default 420; 0: the phantom "
                              "fills the field of view, a worst case for the Local and Middle regions)")
-    parser.add_argument("--two-step", choices=("fast", "default"), default="fast",
+    parser.add_argument("--two-step", choices=("fast", "default", "none"), default="fast",
                         help="settings of the measured two-step runs (default: fast, extrapolated to nnU-Net's "
-                             "defaults; 'default' only for small CTs)")
+                             "defaults; 'default' only for small CTs; 'none': skip them)")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="instruction set of every command: this CPU's (default), or limited to AVX2 to emulate "
+                             "a CPU without AVX-512 (see above)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where gtv-predict and nnUNetv2_predict run (default cpu; the float32 contender is "
                              "CPU-only)")
@@ -232,24 +242,29 @@ def main(argv: list[str] | None = None) -> int:
     dirs = configure_environment(work)
     dataset = prepare_models(dirs)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    if args.isa == "avx2":
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    cpu = cpu_description() + (", emulating a CPU without AVX-512 (oneDNN and ATen limited to AVX2)"
+                               if args.isa == "avx2" else "")
     inputs = work / f"ct_{args.size}x{args.slices}_body{args.body_mm:g}"
     if not inputs.is_dir():
         write_ct(inputs, args.size, args.slices, args.body_mm)
     for old in ("defaults", "defaults_float32", "same_settings", "two_step"):
         shutil.rmtree(work / old, ignore_errors=True)
     print(f"work folder {work}; CT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm; "
-          f"{os.cpu_count()} CPUs; "
-          f"load average before: {os.getloadavg()}", flush=True)
+          f"{os.cpu_count()} CPUs ({cpu}); load average before: {os.getloadavg()}", flush=True)
     labels = default_model_labels()
     k_labels = [labels[0], labels[-1]] if args.k == 2 else labels[:args.k]  # K = 2: Local:0 and Global:1
 
     rows = []
-    defaults = run_gtv_predict(inputs, work / "defaults", dataset, labels, [], env, args.device)
-    rows.append(("gtv-predict, defaults", NUM_MODELS, defaults.seconds, "measured", defaults.peak_bytes))
+    emulated_float32 = ["-precision", "float32"] if args.isa == "avx2" else []  # auto's choice on such a CPU
+    defaults = run_gtv_predict(inputs, work / "defaults", dataset, labels, emulated_float32, env, args.device)
+    rows.append(("gtv-predict, defaults" + (" (auto precision = float32 without AVX-512)" if emulated_float32 else ""),
+                 NUM_MODELS, defaults.seconds, "measured", defaults.peak_bytes))
     print(f"gtv-predict defaults: {defaults.seconds:.1f} s {_timing(defaults.stdout)}; load {os.getloadavg()}",
           flush=True)
     float32, precision_dice = None, None
-    if args.device == "cpu":
+    if args.device == "cpu" and not emulated_float32:
         float32 = run_gtv_predict(inputs, work / "defaults_float32", dataset, labels, ["-precision", "float32"], env,
                                   args.device)
         rows.append(("gtv-predict, defaults, -precision float32", NUM_MODELS, float32.seconds, "measured",
@@ -258,56 +273,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gtv-predict defaults float32: {float32.seconds:.1f} s {_timing(float32.stdout)}; fused Dice vs "
               f"defaults {precision_dice:.4f}; load {os.getloadavg()}", flush=True)
 
-    runs, fused, fused_six = run_two_step(inputs, work, dataset, k_labels, args.two_step, env, args.device)
-    run_seconds = float(np.mean([r.seconds for r in runs]))
-    two_step_peak = max([r.peak_bytes for r in runs] + [fused_six.peak_bytes])
-    if args.two_step == "default":
-        two_step_six, how = NUM_MODELS * run_seconds + fused_six.seconds, \
-            f"6 x mean of {args.k} measured nnUNetv2_predict runs + gtv-uncertainty on 6 folders"
-    else:
-        passes_default, passes_fast, pass_seconds = tile_passes_and_seconds(
-            inputs / "ct_0000.nii.gz", dirs["nnUNet_results"], dataset, args.device)
-        per_model = run_seconds + (passes_default - passes_fast) * pass_seconds
-        two_step_six = NUM_MODELS * per_model + fused_six.seconds
-        how = (f"6 x ({run_seconds:.0f} s measured at step 1 without mirroring + ({passes_default} - {passes_fast}) "
-               f"tile passes x {pass_seconds:.3f} s) + gtv-uncertainty on 6 folders ({fused_six.seconds:.0f} s)")
-        print(f"tile passes per model: nnU-Net default {passes_default}, step 1 {passes_fast}; "
-              f"{pass_seconds:.3f} s per float32 tile pass", flush=True)
-    rows.append(("two-step: 6 x nnUNetv2_predict (nnU-Net defaults) + gtv-uncertainty", NUM_MODELS, two_step_six,
-                 how, two_step_peak))
-    two_step_k = sum(r.seconds for r in runs) + fused.seconds
-    rows.append((f"two-step, {args.two_step} settings, measured", args.k, two_step_k,
-                 f"{args.k} x nnUNetv2_predict {' '.join(TWO_STEP_OPTIONS[args.two_step])} + gtv-uncertainty",
-                 max([r.peak_bytes for r in runs] + [fused.peak_bytes])))
-    print(f"two-step: {[round(r.seconds, 1) for r in runs]} s + fusion {fused.seconds:.1f} s (six folders "
-          f"{fused_six.seconds:.1f} s); load {os.getloadavg()}", flush=True)
+    two_step_six = two_step_k = same = agreement = None
+    if args.two_step != "none":
+        runs, fused, fused_six = run_two_step(inputs, work, dataset, k_labels, args.two_step, env, args.device)
+        run_seconds = float(np.mean([r.seconds for r in runs]))
+        two_step_peak = max([r.peak_bytes for r in runs] + [fused_six.peak_bytes])
+        if args.two_step == "default":
+            two_step_six, how = NUM_MODELS * run_seconds + fused_six.seconds, \
+                f"6 x mean of {args.k} measured nnUNetv2_predict runs + gtv-uncertainty on 6 folders"
+        else:
+            passes_default, passes_fast, pass_seconds = tile_passes_and_seconds(
+                inputs / "ct_0000.nii.gz", dirs["nnUNet_results"], dataset, args.device)
+            per_model = run_seconds + (passes_default - passes_fast) * pass_seconds
+            two_step_six = NUM_MODELS * per_model + fused_six.seconds
+            how = (f"6 x ({run_seconds:.0f} s measured at step 1 without mirroring + ({passes_default} - "
+                   f"{passes_fast}) tile passes x {pass_seconds:.3f} s) + gtv-uncertainty on 6 folders "
+                   f"({fused_six.seconds:.0f} s)")
+            print(f"tile passes per model: nnU-Net default {passes_default}, step 1 {passes_fast}; "
+                  f"{pass_seconds:.3f} s per float32 tile pass", flush=True)
+        rows.append(("two-step: 6 x nnUNetv2_predict (nnU-Net defaults) + gtv-uncertainty", NUM_MODELS, two_step_six,
+                     how, two_step_peak))
+        two_step_k = sum(r.seconds for r in runs) + fused.seconds
+        rows.append((f"two-step, {args.two_step} settings, measured", args.k, two_step_k,
+                     f"{args.k} x nnUNetv2_predict {' '.join(TWO_STEP_OPTIONS[args.two_step])} + gtv-uncertainty",
+                     max([r.peak_bytes for r in runs] + [fused.peak_bytes])))
+        print(f"two-step: {[round(r.seconds, 1) for r in runs]} s + fusion {fused.seconds:.1f} s (six folders "
+              f"{fused_six.seconds:.1f} s); load {os.getloadavg()}", flush=True)
 
-    same = run_gtv_predict(inputs, work / "same_settings", dataset, k_labels,
-                           ["-precision", "float32", "--tile", "patch", "--no-region-restriction", "-np", "0",
-                            *SAME_SETTINGS[args.two_step]], env, args.device)
-    rows.append((f"gtv-predict, the two-step path's settings ({args.two_step})", args.k, same.seconds, "measured",
-                 same.peak_bytes))
-    agreement = dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
-    print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
-          f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
+        same = run_gtv_predict(inputs, work / "same_settings", dataset, k_labels,
+                               ["-precision", "float32", "--tile", "patch", "--no-region-restriction", "-np", "0",
+                                *SAME_SETTINGS[args.two_step]], env, args.device)
+        rows.append((f"gtv-predict, the two-step path's settings ({args.two_step})", args.k, same.seconds, "measured",
+                     same.peak_bytes))
+        agreement = dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
+        print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
+              f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
 
     print(f"\nCT {args.size} x {args.size} x {args.slices}, body {args.body_mm:g} mm, {os.cpu_count()} CPUs "
-          f"({cpu_description()}), load average after: "
-          f"{os.getloadavg()}\n")
+          f"({cpu}), load average after: {os.getloadavg()}\n")
     print("| contender | models | s per case | how | peak memory GiB |\n|---|---|---|---|---|")
     for name, models, seconds, how, peak in rows:
         print(f"| {name} | {models} | {seconds:.1f} | {how} | {gib(peak)} |")
     _, model_seconds, _ = _timing(defaults.stdout)
     print(f"\ngtv-predict defaults ({args.device}): the six models' time per case {sum(model_seconds):.2f} s "
-          f"(the paper: < 0.3 s on a GTX 1080 Ti), end to end {defaults.seconds:.1f} s; "
-          f"{two_step_six / defaults.seconds:.1f}x faster than the two-step path at nnU-Net's defaults"
-          + (f"; -precision float32: {two_step_six / float32.seconds:.1f}x, fused Dice defaults vs float32: "
-             f"{precision_dice:.4f}" if float32 else "")
-          + f"\nsame settings ({args.two_step}, {args.k} models): the pipeline alone is "
-            f"{two_step_k / same.seconds:.1f}x faster; fused Dice vs the two-step path: {agreement:.5f}")
+          f"(the paper: < 0.3 s on a GTX 1080 Ti), end to end {defaults.seconds:.1f} s"
+          + (f"; fused Dice defaults vs float32: {precision_dice:.4f}" if float32 else ""))
+    if two_step_six is not None:
+        print(f"{two_step_six / defaults.seconds:.1f}x faster than the two-step path at nnU-Net's defaults"
+              + (f"; -precision float32: {two_step_six / float32.seconds:.1f}x" if float32 else "")
+              + f"\nsame settings ({args.two_step}, {args.k} models): the pipeline alone is "
+                f"{two_step_k / same.seconds:.1f}x faster; fused Dice vs the two-step path: {agreement:.5f}")
     (work / "predict_speed.json").write_text(json.dumps(
         {"size": args.size, "slices": args.slices, "body_mm": args.body_mm, "device": args.device,
-         "two_step": args.two_step, "k": args.k,
+         "two_step": args.two_step, "k": args.k, "cpu": cpu,
          "rows": [dict(zip(("contender", "models", "seconds", "how", "peak_bytes"), r)) for r in rows],
          "precision_dice": precision_dice, "same_settings_dice": agreement}, indent=1))
     return 0
