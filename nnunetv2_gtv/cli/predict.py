@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from nnunetv2_gtv.allocator import keep_freed_memory
+from nnunetv2_gtv.allocator import LARGEST_MMAP_THRESHOLD, keep_freed_memory
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
     fail, finish_run, fusion_settings_from_args, fusion_settings_record, open_output_folder
 from nnunetv2_gtv.cli.review import review
@@ -136,7 +136,8 @@ def _dataset_name(results: Path, dataset: str) -> str:
 def _set_threads(device: torch.device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict does
-        keep_freed_memory()  # page faults of fresh tensors cost as much as the arithmetic (allocator's docstring)
+        # tensors of a tile batch stay for reuse (nnunetv2_gtv.allocator); per-case volumes are still returned
+        keep_freed_memory(LARGEST_MMAP_THRESHOLD)
     else:
         torch.set_num_threads(1)
 
