@@ -24,8 +24,8 @@ float32 tile pass of nnU-Net's predictor; plus gtv-uncertainty on six folders (t
 
 ``--isa avx2`` emulates, on a CPU with AVX-512, one without it: oneDNN and ATen are limited to AVX2
 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``) in every command, and gtv-predict's defaults run in
-float32, as ``-precision auto`` does on such a CPU (contender 2 is then the same run and is skipped). Clock,
-cores and caches stay this machine's, so it isolates the instruction set only.
+float32, as ``-precision auto`` does on such a CPU (contender 2 is then the same run and is skipped; it needs
+``--two-step none``). Clock, cores and caches stay this machine's, so it isolates the instruction set only.
 
 Models: the three sampling trainers are trained here for a few iterations (weights do not change the speed)
 and fold 1 is a copy of fold 0. Wall time is measured around each command; peak memory is the largest sum of
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.k <= NUM_MODELS:
         parser.error(f"-k must be 1..{NUM_MODELS}")
+    if args.isa == "avx2" and args.two_step != "none":  # its tile-pass timing runs in this process, at full ISA
+        parser.error("--isa avx2 times gtv-predict only: add --two-step none")
     work = (args.work or Path(tempfile.mkdtemp(prefix="gtv-predict-speed-"))).resolve()
     dirs = configure_environment(work)
     dataset = prepare_models(dirs)
