@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_gtv.file_modes import make_shareable
+from nnunetv2_gtv.dataset_conversion.staging import existing_datasets, staged_dataset
 
 # HU values of the tissues
 AIR_HU = -1000.0
@@ -252,16 +250,13 @@ def write_dataset(
         raise ValueError("num_train must be at least 1")
     raw_dir = Path(raw_dir)
     target = raw_dir / f"Dataset{dataset_id:03d}_{name}"
-    existing = [p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*")] if raw_dir.is_dir() else []
+    existing = existing_datasets(raw_dir, dataset_id)
     if any(p.is_dir() and any(p.iterdir()) for p in existing) and not overwrite:
         raise FileExistsError(
             f"{existing[0]} exists and is not empty; pass --overwrite to replace it (dataset id {dataset_id})"
         )
-    raw_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw_dir))
-    make_shareable(staging)
-    try:
+    with staged_dataset(target, existing) as staging:
         splits = [("Tr", f"case_{i:03d}") for i in range(num_train)]
         splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]
         for (split, case), orientation in zip(splits, _orientation_plan(len(splits), orientations)):
@@ -277,12 +272,6 @@ def write_dataset(
             description="Synthetic head-and-neck CT with a nasopharyngeal GTV (nnunetv2_gtv.demo.synthetic)",
             seed=seed, orientations=orientations,
         )
-        for old in existing:
-            shutil.rmtree(old)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -1,0 +1,43 @@
+"""``gtv-dataset``: an nnU-Net raw dataset (training CTs + held-out test CTs) from one folder per patient."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nnunetv2_gtv.dataset_conversion.patient_folders import PatientFolderError, write_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gtv-dataset", description=__doc__,
+        epilog="Layout read: SOURCE/<patient>/ct.nii.gz and SOURCE/<patient>/<TARGET>.nii.gz (0/1 on the CT's grid). "
+               "Written: imagesTr/labelsTr (training; nnU-Net makes its folds over them), imagesTs/labelsTs (held "
+               "out), dataset.json and split.json. Example: gtv-dataset -i ../shared/data/OpenKBP_anatomy -d 920")
+    parser.add_argument("-i", "--input", required=True, help="folder with one sub-folder per patient")
+    parser.add_argument("-o", "--output", default=os.environ.get("nnUNet_raw"),
+                        help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
+    parser.add_argument("-d", "--dataset-id", type=int, required=True)
+    parser.add_argument("-n", "--name", default="HeadNeckPTV70", help="dataset name (default: %(default)s)")
+    parser.add_argument("--target", default="PTV70",
+                        help="mask file name without .nii.gz, and the label's name (default: %(default)s)")
+    parser.add_argument("--ct", default="ct.nii.gz", help="CT file name in each patient folder (default: %(default)s)")
+    parser.add_argument("--num-test", type=int, default=16, help="held-out test patients (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the split's permutation (default: %(default)s)")
+    parser.add_argument("--split", metavar="SPLIT_JSON",
+                        help="use this split (a split.json written before) instead of drawing one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    args = parser.parse_args(argv)
+    if not args.output:
+        parser.error("no output folder: pass -o or set nnUNet_raw")
+    try:
+        write_dataset(args.input, args.output, args.dataset_id, args.name, args.target, args.ct, args.num_test,
+                      args.seed, args.split, args.overwrite, log=lambda line: print(f"gtv-dataset: {line}"))
+    except PatientFolderError as err:
+        print(f"gtv-dataset: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
