@@ -77,6 +77,19 @@ def test_tables_match_hand_computed_values(folders, tmp_path, capsys):
     assert "| exact | 100.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 3.50 ± 1.87 |" in markdown
     for metric in ("dice", "assd_mm", "hd95_mm", "rve_percent"):
         assert (out / f"box_{metric}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Training (min)" not in markdown
+
+
+def test_training_minutes_become_a_column(folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _ = _run(["-i", f"exact={folders['exact']}", f"grown={folders['grown']}", "-r", folders["reference"],
+                    "-o", out, "--training-minutes", "grown=21.25"], capsys)
+    assert code == 0
+    markdown = (out / "comparison.md").read_text()
+    assert "| Time per case (s) | Training (min) |" in markdown
+    assert "| 3.50 ± 1.87 | – |" in markdown and "| – | 21.2 |" in markdown
+    rows = {row["name"]: row for row in json.loads((out / "comparison.json").read_text())["summary"]}
+    assert rows["grown"]["training_minutes"] == 21.25 and rows["exact"]["training_minutes"] is None
 
 
 def test_few_cases_are_flagged_and_gtv_evaluate_outputs_are_read(folders, tmp_path, capsys):
@@ -106,6 +119,8 @@ def test_unusable_inputs_are_refused_with_exit_2_and_nothing_written(folders, tm
 
     refused(["-i", exact, "-r", reference], "at least two inputs")
     refused(["-i", exact, exact, "-r", reference], "input names must differ")
+    refused(["-i", exact, shifted, "-r", reference, "--training-minutes", "grown=3"], "grown", "none of the inputs")
+    refused(["-i", exact, shifted, "-r", reference, "--training-minutes", "exact=soon"], "exact=soon", "NAME=MINUTES")
     refused(["-i", exact, shifted, "-r", tmp_path / "nowhere"], "nowhere", "does not exist")
     (shifted / "case_6.nii.gz").rename(tmp_path / "case_6.nii.gz")
     refused(["-i", exact, shifted, "-r", reference], "different cases", "only in 'exact': case_6")

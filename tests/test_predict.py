@@ -123,6 +123,28 @@ def test_outputs_are_on_the_input_grid_in_its_format(restricted_run, cts):
                                     "restrict_to_region": True, "bfloat16": False}
 
 
+def _timings(folder: Path) -> dict[str, dict]:
+    with open(folder / "timings.csv", newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def test_timings_are_written_per_case_for_the_run_and_each_model(restricted_run):
+    """gtv-compare's inference time per case: the whole case in OUT, preprocessing + its network in each model's."""
+    out = restricted_run["out"]
+    timings = _timings(out)
+    assert sorted(timings) == ["case_006", "flipped", "scaled"]
+    for row in timings.values():
+        models = [float(m) for m in row["models"].split()]
+        assert len(models) == 3 and min(models) > 0
+        parts = float(row["preprocessing"]) + sum(models) + float(row["export"])
+        assert float(row["seconds"]) == pytest.approx(parts, abs=0.02)
+    for index, scale in enumerate(("Local", "Middle", "Global")):
+        own = _timings(out / "model_predictions" / f"nnUNetTrainerGTV25D{scale}_smoke__fold_0")
+        for case, row in own.items():
+            expected = float(timings[case]["preprocessing"]) + float(timings[case]["models"].split()[index])
+            assert float(row["seconds"]) == pytest.approx(expected, abs=0.02)
+
+
 @pytest.mark.parametrize("scale", ["Local", "Middle"])
 def test_region_models_predict_background_below_their_region(restricted_run, scale):
     """Local / Middle: foreground probability exactly 0 in the shoulders, which are the first slices of the
@@ -387,7 +409,7 @@ def test_unreadable_pixel_data_fails_that_case_only(results, test_ct, tmp_path):
     assert code == 1
     assert f"{folder / 'truncated.nii.gz'}: cannot read the image" in stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_file()) == [
-        "good.nii.gz", "good_entropy.nii.gz", "summary.csv", "summary.json"]
+        "good.nii.gz", "good_entropy.nii.gz", "summary.csv", "summary.json", "timings.csv"]
 
 
 def _tiny_ct(path: Path) -> Path:
@@ -478,8 +500,9 @@ def test_models_with_different_plans_are_refused(results, test_ct, tmp_path):
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    """Modification times of the images in ``folder``."""
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file() and not p.name.startswith("summ")}
+    """Modification times of the images in ``folder`` (not the tables)."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith("summ") and p.name != "timings.csv"}
 
 
 def test_continue_skips_finished_cases_unless_settings_change(results, test_ct, tmp_path):
@@ -517,6 +540,7 @@ def test_parts_share_one_output_folder(results, cts, tmp_path):
     assert sorted(_mtimes(out)) == ["case_006.nii.gz", "case_006_entropy.nii.gz", "flipped.nrrd",
                                     "flipped_entropy.nrrd"]
     assert summary_cases() == ["case_006", "flipped"]
+    assert sorted(_timings(out)) == ["case_006", "flipped"]  # the second part kept the first part's row
 
 
 # ---------------------------------------------------------------- units

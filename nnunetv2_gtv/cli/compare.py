@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from nnunetv2_gtv.cli.common import fail
-from nnunetv2_gtv.evaluation.compare import OUTPUT_NAMES, TIMINGS_CSV, compare_folders, parse_input, write_comparison
+from nnunetv2_gtv.evaluation.compare import OUTPUT_NAMES, TIMINGS_CSV, compare_folders, parse_input, parse_minutes, \
+    write_comparison
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
 
 
@@ -22,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the comparison files")
     parser.add_argument("--baseline", help="input NAME the others are tested against (default: the first)")
     parser.add_argument("--label", type=int, default=1, help="foreground label to compare (default: 1)")
+    parser.add_argument("--training-minutes", nargs="+", default=[], metavar="NAME=MINUTES",
+                        help="minutes each named input's training took: a column of the table")
     return parser
 
 
@@ -30,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["gtv-compare", *(sys.argv[1:] if argv is None else argv)])
     try:
         inputs = [parse_input(text) for text in args.inputs]
+        training_minutes = dict(parse_minutes(text) for text in args.training_minutes)
         for folder in [item.folder for item in inputs] + [args.reference]:
             if args.output.resolve().is_relative_to(folder.resolve()):
                 raise EvaluationInputError(f"{args.output}: the output folder must not be (inside) the input {folder}")
-        result = compare_folders(inputs, args.reference, args.label, args.baseline)
+        result = compare_folders(inputs, args.reference, args.label, args.baseline, training_minutes)
         written = write_comparison(result, args.output, command)
     except EvaluationInputError as error:
         return fail("gtv-compare", str(error))

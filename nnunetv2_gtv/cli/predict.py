@@ -36,7 +36,7 @@ from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
     load_model, resolve_models
-from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
+from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases, write_timings
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
 from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
     use_cpu_bfloat16
@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = RunOptions(args.np, args.resume, args.num_parts, args.part_id, model_folders,
                          not args.disable_progress_bar, overlap_export=device.type != "cpu")
     report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
+    write_timings(output_folder, report.timings, model_folders or ())
     if dicom_series:
         report.failures.extend(write_run_outputs(dicom_series, output_folder, cases[0].file_ending, report.done,
                                                  report.skipped))

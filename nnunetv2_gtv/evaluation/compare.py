@@ -7,7 +7,8 @@ RVE (:mod:`nnunetv2_gtv.evaluation.metrics`); per input: mean ± sample sd over 
 two-sided Wilcoxon signed-rank test (scipy) of each input against the baseline (default: the first) over the
 cases where both values are finite. With fewer than 6 paired cases a two-sided Wilcoxon test cannot reach
 p < 0.05 (its smallest p is 2 / 2^n), so such p-values are flagged. Inference seconds per case are taken from
-``<prediction folder>/timings.csv`` (columns ``case``, ``seconds``) when a folder has one.
+``<prediction folder>/timings.csv`` (columns ``case``, ``seconds``) when a folder has one; training minutes per
+input, when given, are a column of the table (they live in no prediction folder).
 
 Every input must hold exactly the same cases, on the reference's grid, with labels from one label set; anything
 else raises :class:`~nnunetv2_gtv.evaluation.folders.EvaluationInputError` naming the files.
@@ -19,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -43,6 +44,7 @@ from nnunetv2_gtv.evaluation.report import METRICS_CSV, _json_safe, _table, _wri
 MIN_PAIRED_CASES = 6
 TIMINGS_CSV = "timings.csv"
 SECONDS = "seconds"
+TRAINING_MINUTES = "training_minutes"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison_per_case.csv")
 # paper's units: Dice in percent, distances in mm, RVE in percent
 TABLE_METRICS = {"dice": ("Dice (%)", 100.0, 2), "assd_mm": ("ASSD (mm)", 1.0, 2), "hd95_mm": ("HD95 (mm)", 1.0, 2),
@@ -68,6 +70,7 @@ class Comparison:
     cases: list[str]
     metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # name -> case -> metric -> value
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> case -> inference seconds
+    training_minutes: dict[str, float] = field(default_factory=dict)  # name -> minutes its training took
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,6 +82,18 @@ def parse_input(text: str) -> CompareInput:
     if not name or not folder:
         raise EvaluationInputError(f"input '{text}': write NAME=FOLDER or FOLDER")
     return CompareInput(name, Path(folder))
+
+
+def parse_minutes(text: str) -> tuple[str, float]:
+    """``NAME=MINUTES`` of ``--training-minutes``."""
+    name, _, minutes = text.partition("=")
+    try:
+        value = float(minutes)
+    except ValueError:
+        value = float("nan")
+    if not name or not math.isfinite(value) or value < 0:
+        raise EvaluationInputError(f"training minutes '{text}': write NAME=MINUTES with MINUTES >= 0")
+    return name, value
 
 
 def _is_evaluation(folder: Path) -> bool:
@@ -157,10 +172,14 @@ def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], 
 
 
 def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int = 1,
-                    baseline: str | None = None) -> Comparison:
+                    baseline: str | None = None, training_minutes: Mapping[str, float] | None = None) -> Comparison:
     """Per-case metrics of every input against ``reference``; raises EvaluationInputError on unusable inputs."""
     reference = Path(reference)
     names = [item.name for item in inputs]
+    unknown = sorted(set(training_minutes or {}) - set(names))
+    if unknown:
+        raise EvaluationInputError(f"training minutes given for {', '.join(unknown)}, which are none of the inputs "
+                                   f"{names}")
     if len(inputs) < 2:
         raise EvaluationInputError(f"gtv-compare needs at least two inputs to compare, got {len(inputs)}")
     if len(set(names)) != len(names):
@@ -186,7 +205,7 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
             if not found[item.name]:
                 raise EvaluationInputError(f"{item.folder}: no segmentations <case>{endings[item.name]}")
     cases = _check_same_cases(found)
-    result = Comparison(reference, label, baseline, list(inputs), cases)
+    result = Comparison(reference, label, baseline, list(inputs), cases, training_minutes=dict(training_minutes or {}))
     ending = next(iter(endings.values()), None) or detect_file_ending(reference)
     references = {case: find_image(reference, case, ending) for case in cases}
     missing = [f"{case}{ending}" for case, path in references.items() if path is None]
@@ -250,6 +269,7 @@ def summary_rows(result: Comparison) -> list[dict]:
             row[f"{metric}_test"] = None if item.name == result.baseline else paired_test(values, base)
         seconds = result.seconds.get(item.name)
         row[SECONDS] = summarise([seconds[c] for c in result.cases]) if seconds else None
+        row[TRAINING_MINUTES] = result.training_minutes.get(item.name)
         rows.append(row)
     return rows
 
@@ -273,6 +293,10 @@ def markdown(result: Comparison, rows: list[dict], command: str) -> str:
     header = ["Method"] + [label for label, _, _ in TABLE_METRICS.values()] + ["Time per case (s)"]
     table = [[row["name"]] + [_mean_sd(row[m], digits) for m, (_, _, digits) in TABLE_METRICS.items()]
              + [_mean_sd(row[SECONDS], 2)] for row in rows]
+    if result.training_minutes:
+        header.append("Training (min)")
+        for line, row in zip(table, rows):
+            line.append("–" if row[TRAINING_MINUTES] is None else f"{row[TRAINING_MINUTES]:.1f}")
     p_header = ["Method"] + [f"p {label}" for label, _, _ in TABLE_METRICS.values()]
     p_table = [[row["name"]] + [_p_text(row[f"{m}_test"]) for m in TABLE_METRICS] for row in rows]
     lines = ["# Comparison", "", f"`{command}`", "",
@@ -295,12 +319,13 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
     rows = summary_rows(result)
     md, summary_csv, json_file, per_case_csv = (output_dir / name for name in OUTPUT_NAMES)
     header = ["method", "cases"] + [f"{m}_{k}" for m in TABLE_METRICS for k in ("mean", "sd", "p", "n_paired")]
-    _write_csv(summary_csv, header + ["seconds_mean", "seconds_sd"], [
+    _write_csv(summary_csv, header + ["seconds_mean", "seconds_sd", TRAINING_MINUTES], [
         [row["name"], row["cases"]]
         + [v for m in TABLE_METRICS for v in (row[m]["mean"], row[m]["std"],
                                               *((row[f"{m}_test"]["p"], row[f"{m}_test"]["n"])
                                                 if row[f"{m}_test"] else ("", "")))]
-        + ([row[SECONDS]["mean"], row[SECONDS]["std"]] if row[SECONDS] else ["", ""]) for row in rows])
+        + ([row[SECONDS]["mean"], row[SECONDS]["std"]] if row[SECONDS] else ["", ""])
+        + ["" if row[TRAINING_MINUTES] is None else row[TRAINING_MINUTES]] for row in rows])
     _write_csv(per_case_csv, ["method", "case", *METRIC_NAMES, SECONDS], [
         [item.name, case] + [result.metrics[item.name][case][m] for m in METRIC_NAMES]
         + [result.seconds.get(item.name, {}).get(case, float("nan"))]
@@ -309,7 +334,7 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
            "baseline": result.baseline, "cases": result.cases, "units": {m: label for m, (label, _, _)
                                                                          in TABLE_METRICS.items()},
            "min_paired_cases": MIN_PAIRED_CASES, "summary": rows, "per_case": result.metrics,
-           "seconds": result.seconds, "notes": result.notes}
+           "seconds": result.seconds, TRAINING_MINUTES: result.training_minutes, "notes": result.notes}
     with atomic_output(json_file) as tmp:
         tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
     pngs = []

@@ -5,14 +5,18 @@ share an output folder end with one summary row per finished case.
 """
 from __future__ import annotations
 
+import csv
+import fcntl
+import io
 import multiprocessing
+import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -21,6 +25,8 @@ from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import DatasetInfo, label_values
 from nnunetv2_gtv.ensemble.fusion import FusionSettings, output_files
 from nnunetv2_gtv.ensemble.summary import load_row
+from nnunetv2_gtv.ensemble.writing import write_text
+from nnunetv2_gtv.evaluation.compare import TIMINGS_CSV
 from nnunetv2_gtv.inference.export import ExportJob, export_case, prepare_model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputCase, InputError, axial_permutation, intensity_warning, permute_case, \
     read_case
@@ -296,3 +302,38 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
             if row is not None:
                 report.rows[case.case] = row
     return report
+
+
+TIMINGS_COLUMNS = ("case", "seconds", "preprocessing", "models", "export")
+
+
+def write_timings(output_folder: Path, timings: Mapping[str, CaseTiming], model_folders: Sequence[Path] = ()) -> None:
+    """``timings.csv`` in the output folder (seconds = the whole case, then its parts) and in each model's own
+    folder (seconds = reading and preprocessing + that model's network time). Rows of cases this run did not do
+    (earlier runs, other parts sharing the folder) are kept; a lock on the output folder serialises the parts."""
+    if not timings:
+        return
+    tables = [(Path(output_folder), lambda t: t.total)]
+    tables += [(Path(folder), lambda t, i=i: t.preprocessing + t.models[i]) for i, folder in enumerate(model_folders)]
+    folder_handle = os.open(output_folder, os.O_RDONLY)
+    try:
+        fcntl.flock(folder_handle, fcntl.LOCK_EX)
+        for folder, seconds in tables:
+            _merge_timings(folder / TIMINGS_CSV, timings, seconds)
+    finally:
+        os.close(folder_handle)
+
+
+def _merge_timings(path: Path, timings: Mapping[str, CaseTiming], seconds: Callable[[CaseTiming], float]) -> None:
+    rows = {}
+    if path.is_file():
+        with open(path, newline="") as handle:
+            rows = {row["case"]: row for row in csv.DictReader(handle) if row.get("case")}
+    for case, timing in timings.items():
+        rows[case] = {"case": case, "seconds": f"{seconds(timing):.2f}", "preprocessing": f"{timing.preprocessing:.2f}",
+                      "models": " ".join(f"{m:.2f}" for m in timing.models), "export": f"{timing.export:.2f}"}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, TIMINGS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows[case] for case in sorted(rows))
+    write_text(buffer.getvalue(), path)
