@@ -145,3 +145,22 @@ def test_overwrite_plans_name_keeps_a_stock_plan_beside_ours(nnunet_dirs):
     assert ours["plans_name"] == "nnUNetPlansGTV25D"
     assert ours["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlansGTV25D_3d_fullres"
     assert_gtv_plans(ours, "3d_fullres")
+
+
+def test_overwrite_target_spacing_plans_the_coarser_grid_without_transpose(nnunet_dirs):
+    """The CPU recipe's grid (docs/real_ct.md): in-plane spacing coarser than the slices', axis 0 stays z."""
+    write_dataset(nnunet_dirs["nnUNet_raw"], 985, num_train=2, num_test=0, in_plane_size=40, num_slices=12)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", "985", "-pl", "nnUNetPlannerGTV25D", "-c", "3d_fullres", "-np", "1",
+             "--no_pp", "-overwrite_target_spacing", "3", "4", "4", "-overwrite_plans_name", "nnUNetPlansGTV25D_3x4x4"],
+            clean_env(**nnunet_dirs))
+    plans = json.loads((Path(nnunet_dirs["nnUNet_preprocessed"]) / "Dataset985_SyntheticGTV" /
+                        "nnUNetPlansGTV25D_3x4x4.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 4.0, 4.0]
+    assert plans["transpose_forward"] == [0, 1, 2] and plans["nnunetv2_gtv"]["target_spacing_zyx"] == [3.0, 4.0, 4.0]
+    assert_gtv_plans(plans, "3d_fullres")
+
+
+@pytest.mark.parametrize("spacing", [[3.0, 0.0, 4.0], [3.0, 4.0]])
+def test_bad_overwrite_target_spacing_is_refused(spacing):
+    with pytest.raises(GTVPlansError, match="three positive numbers"):
+        nnUNetPlannerGTV25D(1, overwrite_target_spacing=spacing)

@@ -2,7 +2,9 @@
 
 What differs from nnU-Net's default ``ExperimentPlanner`` (everything else is nnU-Net's own):
 
-- target spacing 3 x 1 x 1 mm (z, y, x) whatever the data's median spacing;
+- target spacing 3 x 1 x 1 mm (z, y, x) whatever the data's median spacing, or the one given with nnU-Net's
+  ``-overwrite_target_spacing Z Y X`` (e.g. the CPU recipe's coarser grid); array axis 0 stays the slice axis
+  (no transpose), since the 2.5D network convolves in-plane only;
 - one configuration, ``3d_fullres``: patch 16 x 64 x 64, batch 16, the 2.5D network with its default
   arch_kwargs. There is no ``2d`` and no ``3d_lowres`` configuration (plans list only ``3d_fullres``);
 - intensities: nnU-Net's built-in ``CTNormalization`` clips to the window written in the plans and z-scores
@@ -46,8 +48,11 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetPlans",
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
         if overwrite_target_spacing is not None:
-            raise GTVPlansError(
-                "nnUNetPlannerGTV25D always plans 3 x 1 x 1 mm (z, y, x); -overwrite_target_spacing is not supported")
+            spacing = [float(v) for v in overwrite_target_spacing]
+            if len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing):
+                raise GTVPlansError(f"-overwrite_target_spacing needs three positive numbers (z y x, mm), got "
+                                    f"{list(overwrite_target_spacing)}")
+            overwrite_target_spacing = spacing
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self.lowres_creation_threshold = 0  # never plan 3d_lowres
@@ -67,7 +72,16 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
                 f"(channel_names must be {{\"0\": \"CT\"}})")
 
     def determine_fullres_target_spacing(self) -> np.ndarray:
-        return np.array(TARGET_SPACING_ZYX)
+        return np.array(self.target_spacing_zyx)
+
+    @property
+    def target_spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(self.overwrite_target_spacing) if self.overwrite_target_spacing else TARGET_SPACING_ZYX
+
+    def determine_transpose(self):
+        """No transpose: nnU-Net would put the axis of the largest target spacing first, which for an in-plane
+        spacing coarser than the slices' would make the 2.5D network convolve across slices."""
+        return [0, 1, 2], [0, 1, 2]
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier: str,
                                     approximate_n_voxels_dataset: float, _cache: dict) -> dict:
@@ -139,7 +153,7 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
             "ct_window_hu": list(CT_WINDOW_HU),
             "intensity_statistics": self.intensity_statistics,
             "body_threshold_hu": self.body_threshold_hu,
-            "target_spacing_zyx": list(TARGET_SPACING_ZYX),
+            "target_spacing_zyx": list(self.target_spacing_zyx),
             "patch_size_zyx": list(PATCH_SIZE_ZYX),
         }
         recursive_fix_for_json_export(plans)
@@ -155,5 +169,5 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
-        print(f"nnUNetPlannerGTV25D: plans (3d_fullres only, {TARGET_SPACING_ZYX} mm, patch {PATCH_SIZE_ZYX}, "
+        print(f"nnUNetPlannerGTV25D: plans (3d_fullres only, {self.target_spacing_zyx} mm, patch {PATCH_SIZE_ZYX}, "
               f"CT window {CT_WINDOW_HU} HU) saved to {plans_file}")
