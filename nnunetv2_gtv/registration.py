@@ -67,9 +67,14 @@ TRAINER_NAMES = (
     "nnUNetTrainerGTV25DLocal_cpu",
     "nnUNetTrainerGTV25DMiddle_cpu",
     "nnUNetTrainerGTV25DGlobal_cpu",
+    "nnUNetTrainerGTV25DLocal_cpuRealCT",
+    "nnUNetTrainerGTV25DMiddle_cpuRealCT",
+    "nnUNetTrainerGTV25DGlobal_cpuRealCT",
 )
 PAPER_VARIANT_NAMES = tuple(f"nnUNetTrainerGTVLocal_{network}{suffix}" for network in (
     "UNet3D", "VNet3D", "UNet25D", "UNet25D_PE", "UNet25D_PE_AG", "UNet25D_PE_AM") for suffix in ("", "_smoke"))
+BUDGET_BASELINE_NAMES = ("nnUNetTrainer_20min",)
+ALL_TRAINER_NAMES = TRAINER_NAMES + PAPER_VARIANT_NAMES + BUDGET_BASELINE_NAMES
 PLANNER_NAMES = ("nnUNetPlannerGTV25D",)
 
 SHIMS = (
@@ -77,6 +82,8 @@ SHIMS = (
                "nnunetv2_gtv.training.nnUNetTrainerGTV25D", TRAINER_NAMES),
     ShimModule(("training", "nnUNetTrainer", "variants"), "paper_variants",
                "nnunetv2_gtv.training.paper_variants", PAPER_VARIANT_NAMES),
+    ShimModule(("training", "nnUNetTrainer", "variants"), "budget_baselines",
+               "nnunetv2_gtv.training.budget_baselines", BUDGET_BASELINE_NAMES),
     ShimModule(("experiment_planning", "experiment_planners"), "nnUNetPlannerGTV25D",
                "nnunetv2_gtv.planning.nnUNetPlannerGTV25D", PLANNER_NAMES),
 )
@@ -198,7 +205,7 @@ def check() -> tuple[str, list[LookupResult]]:
             importlib.import_module(shim.source_module)
         except Exception as error:  # report any import failure of our own module, with its cause
             results.append(LookupResult("module", shim.source_module, False, f"cannot be imported: {error!r}"))
-    for name in TRAINER_NAMES + PAPER_VARIANT_NAMES:
+    for name in ALL_TRAINER_NAMES:
         try:
             cls = recursive_find_trainer_class_by_name(name)
             ok = cls.__module__.startswith("nnunetv2_gtv.")

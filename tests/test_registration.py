@@ -51,7 +51,7 @@ def test_register_check_remove_round_trip(registered_afterwards):
 
     check = run_cli(["nnunetv2-gtv", "check"], env)
     assert "MISSING" not in check.stdout and f"nnunetv2 {registration.version('nnunetv2')}" in check.stdout
-    for name in registration.TRAINER_NAMES + registration.PAPER_VARIANT_NAMES + registration.PLANNER_NAMES:
+    for name in registration.ALL_TRAINER_NAMES + registration.PLANNER_NAMES:
         assert any("[ok]" in line and name in line for line in check.stdout.splitlines()), name
     assert _stock_train_finds("nnUNetTrainerGTV25DLocal", env)
 

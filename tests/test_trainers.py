@@ -146,3 +146,83 @@ def test_each_trainer_trains_validates_and_saves_through_the_stock_cli(trained_m
             assert f"training on the '{scale.lower()}' region" in log and "regions case_" in log
         else:
             assert "training on the" not in log
+
+
+def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dataset, monkeypatch, tmp_path):
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
+
+    for name, path in gtv_dataset["dirs"].items():
+        monkeypatch.setenv(name, path)
+    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    trainer = nnUNetTrainerGTV25DMiddle_cpuRealCT(plans, "3d_fullres", 0,
+                                                  json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
+    trainer.initialize()
+    assert isinstance(trainer.loss, DC_and_CE_loss) and isinstance(trainer.lr_scheduler, PolyLRScheduler)
+    assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.defaults["lr"] == 1e-3
+    assert trainer.batch_size == 8 and trainer.oversample_foreground_percent == 0.33
+    assert trainer.num_epochs * trainer.num_iterations_per_epoch == 500
+    assert type(trainer.network).__name__ == "GTV25DUNet" and trainer.sampling_region == "middle"
+
+    # weight snapshots every 2 epochs: what gtv-predict -chk loads, without the optimizer state
+    trainer.output_folder = str(tmp_path)
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", lambda self: setattr(self, "current_epoch",
+                                                                             self.current_epoch + 1))
+    for _ in range(5):
+        trainer.on_epoch_end()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch_2.pth", "checkpoint_epoch_4.pth"]
+    snapshot = torch.load(tmp_path / "checkpoint_epoch_4.pth", weights_only=False)
+    assert snapshot["trainer_name"] == "nnUNetTrainerGTV25DMiddle_cpuRealCT" and "optimizer_state" not in snapshot
+    for key, value in trainer.network.state_dict().items():
+        assert torch.equal(snapshot["network_weights"][key], value)
+
+
+def test_wall_clock_budget_stretches_the_schedule_and_stops_in_time(monkeypatch):
+    from types import SimpleNamespace
+
+    from nnunetv2_gtv.training import budget_baselines
+
+    class Loop:
+        """The parts of nnU-Net's trainer the budget touches, with an epoch of 60 s."""
+
+        def __init__(self, *args):
+            self.current_epoch, self.num_epochs, self.ended = 0, 1000, False
+            self.lr_scheduler = SimpleNamespace(max_steps=1000)
+            self.messages, self.schedule = [], []
+
+        def on_train_start(self):
+            pass
+
+        def on_epoch_end(self):
+            self.current_epoch += 1
+
+        def print_to_log_file(self, *text):
+            self.messages.append(" ".join(map(str, text)))
+
+        def run_training(self):
+            self.on_train_start()
+            for _ in range(self.num_epochs):
+                clock[0] += 60.0
+                self.on_epoch_end()
+                self.schedule.append(self.lr_scheduler.max_steps)
+            self.on_train_end()
+
+        def on_train_end(self):
+            self.ended = True
+
+    class Budgeted(budget_baselines._WallClockBudget, Loop):
+        budget_minutes = 3.5
+
+    clock = [100.0]
+    monkeypatch.setattr(budget_baselines.time, "monotonic", lambda: clock[0])
+    trainer = Budgeted({}, "3d_fullres", 0, {}, torch.device("cpu"))
+    assert trainer.num_iterations_per_epoch == 25 and trainer.num_val_iterations_per_epoch == 5
+    trainer.run_training()
+    assert trainer.ended and trainer.current_epoch == 3  # a fourth epoch would end after 4 of the 3.5 minutes
+    assert trainer.num_epochs == 3 and trainer.schedule == [3, 3]  # the poly schedule spans the 3 epochs
+    assert "wall-clock budget spent after 3 epochs (3.0 min)" in trainer.messages[-1]
