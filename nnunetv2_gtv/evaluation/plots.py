@@ -86,3 +86,25 @@ def box_plot(values_by_source: dict[str, list[float]], path: Path, ylabel: str, 
 def dice_box_plot(dice_by_source: dict[str, list[float]], path: Path) -> None:
     """One box per source (fused, model_1, ...) with the per-case Dice values as points."""
     box_plot(dice_by_source, path, "Dice", "Dice per case", (-0.02, 1.02))
+
+
+def learning_curve_plot(curves: dict[str, dict[int, list[float]]], path: Path, title: str) -> None:
+    """Mean Dice (line) and the per-case spread (25th-75th percentile band) against training iterations, one line
+    per model; ``curves[model][iteration]`` holds the per-case Dice values of that snapshot."""
+    figure, axes = _figure(6, 4)
+    if not curves:
+        _no_data(axes, "no snapshots")
+    for name, by_iteration in curves.items():
+        iterations = sorted(by_iteration)
+        values = [np.asarray(by_iteration[i], dtype=float) for i in iterations]
+        line, = axes.plot(iterations, [v.mean() for v in values], marker="o", label=name)
+        axes.fill_between(iterations, [np.percentile(v, 25) for v in values], [np.percentile(v, 75) for v in values],
+                          color=line.get_color(), alpha=0.15)
+    axes.set_xlabel("training iterations")
+    axes.set_ylabel("Dice on held-out cases")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend()
+    axes.set_title(title, fontsize=9)
+    _save(figure, path)

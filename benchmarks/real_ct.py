@@ -1,0 +1,452 @@
+"""Does it learn on real CT? PTV70 on 76 real head-and-neck CTs at a CPU budget, side by side with stock nnU-Net.
+
+Stages (each reuses what an earlier run with the same ``--work`` finished; ``--stages`` picks some):
+
+1. ``dataset``: ``gtv-dataset`` turns ``--source`` (one folder per patient: ct.nii.gz + PTV70.nii.gz) into
+   Dataset920 with 60 training and 16 held-out test CTs (split.json); nothing below looks at the 16;
+2. ``plan``: ``nnUNetv2_plan_and_preprocess`` with ``nnUNetPlannerGTV25D`` at 3 x 4 x 4 mm (plans
+   ``nnUNetPlansGTV25D_3x4x4``), and stock nnU-Net's own plans (``nnUNetPlans``: 2d and 3d_fullres);
+3. ``study``: the recipe study on fold 0 of the 60 training CTs (48 train / 12 validation, nnU-Net's split):
+   Middle models trained in this process for ``--study-iterations`` iterations at batch 8, one per variant of
+   the loss, foreground share and lr schedule (``STUDY``), each scored on the 12 validation CTs;
+4. ``train``: through ``nnUNetv2_train``: ours (Local, Middle, Global fold 0, ``_cpuRealCT``) and stock nnU-Net
+   (``nnUNetTrainer_20min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
+5. ``curves``: each of our models' weight snapshots (every 2 epochs) scored on the 12 validation CTs of fold 0:
+   Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen on the same 12 CTs;
+6. ``test``: the 16 test CTs with ``gtv-predict`` (the three models fused, each model's own output kept) and with
+   ``nnUNetv2_predict`` for the stock models (no test-time mirroring, as ours), timed per case;
+7. ``report``: ``gtv-evaluate`` on the fused output (error rate per vote-entropy level, VVC against 1 - Dice,
+   review flags), ``gtv-compare`` of all six rows against the ensemble, the learning-curve plot and overlays
+   of the best, median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
+
+    python benchmarks/real_ct.py --work DIR [--source ../shared/data/OpenKBP_anatomy] [--stages ...]
+
+Machine facts (cores, load average at the start and end of every stage) go into the log and the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from inference_settings import configure_environment, nnunet_command
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "OpenKBP_anatomy"
+DATASET_ID, DATASET = 920, "Dataset920_HeadNeckPTV70"
+OUR_PLANS, OUR_SPACING = "nnUNetPlansGTV25D_3x4x4", ("3", "4", "4")
+SCALES = ("Local", "Middle", "Global")
+OUR_TRAINER = "nnUNetTrainerGTV25D{scale}_cpuRealCT"
+STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_20min", ("2d", "3d_fullres")
+FOLD = 0
+STAGES = ("dataset", "plan", "study", "train", "curves", "test", "report")
+# recipe study: variant -> (loss, share of each batch centred on foreground, lr schedule); Adam from 1e-3, batch 8
+STUDY = {
+    "Dice, 50 % foreground, constant lr (the _cpu recipe)": ("dice", 0.5, "step"),
+    "Dice + CE, 50 % foreground, constant lr": ("dice_ce", 0.5, "step"),
+    "Dice + CE, 33 % foreground, constant lr": ("dice_ce", 0.33, "step"),
+    "Dice + CE, 33 % foreground, poly lr (the _cpuRealCT recipe)": ("dice_ce", 0.33, "poly"),
+}
+STUDY_SCALE = "Middle"  # the region that holds the PTV70 of 46 of the 48 training CTs of fold 0
+# fusion rules tried on fold 0's validation CTs (gtv-uncertainty options over the three models' saved outputs,
+# order Local, Middle, Global); the best one is the rule of the test stage. Local sees only the head region and
+# gives background below it, where most of a PTV70 lies.
+FUSION_RULES = {
+    "equal weights, largest component (gtv-predict's default)": [],
+    "equal weights, every component": ["--keep-all-components"],
+    "Local weight 0.5, largest component": ["--weights", "0.5", "1", "1"],
+    "Local weight 0.25, largest component": ["--weights", "0.25", "1", "1"],
+}
+
+
+def log(message: str) -> None:
+    print(f"[real_ct {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def run(command: list[str], log_file: Path, env: dict | None = None) -> float:
+    """Run a console command with its output in ``log_file``; returns its wall time."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log(f"$ {' '.join(command)}  (output: {log_file})")
+    start = time.perf_counter()
+    with open(log_file, "w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed with exit code {result.returncode}; see {log_file}")
+    return time.perf_counter() - start
+
+
+class Record:
+    """``DIR/real_ct.json``: what every stage measured, kept across reruns."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+
+
+def stage_dataset(source: Path, dirs: dict) -> None:
+    if (dirs["nnUNet_raw"] / DATASET / "dataset.json").is_file():
+        return
+    run([nnunet_command("gtv-dataset"), "-i", str(source), "-o", str(dirs["nnUNet_raw"]), "-d", str(DATASET_ID)],
+        dirs["logs"] / "gtv-dataset.log")
+
+
+def stage_plan(dirs: dict) -> None:
+    folder = dirs["nnUNet_preprocessed"] / DATASET
+    if not (folder / f"{OUR_PLANS}_3d_fullres").is_dir():
+        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerGTV25D",
+             "-c", "3d_fullres", "-np", "2", "-overwrite_target_spacing", *OUR_SPACING,
+             "-overwrite_plans_name", OUR_PLANS, "--verify_dataset_integrity"], dirs["logs"] / "plan_ours.log")
+    if not all((folder / f"nnUNetPlans_{c}").is_dir() for c in STOCK_CONFIGURATIONS):
+        # nnU-Net's planner sizes its networks with torch threads = nnUNet_n_proc_DA, which must not be 0 there
+        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", *STOCK_CONFIGURATIONS,
+             "-np", "2"], dirs["logs"] / "plan_stock.log", dict(os.environ, nnUNet_n_proc_DA="2"))
+
+
+def validation_cases(dirs: dict) -> list[str]:
+    splits = json.loads((dirs["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())
+    return sorted(splits[FOLD]["val"])
+
+
+def validation_images(dirs: dict) -> Path:
+    """A folder of links to fold 0's validation CTs (inputs for gtv-predict); labels stay in labelsTr."""
+    folder = dirs["work"] / "fold0_validation_images"
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for case in validation_cases(dirs):
+            (staging / f"{case}_0000.nii.gz").symlink_to(dirs["nnUNet_raw"] / DATASET / "imagesTr" /
+                                                          f"{case}_0000.nii.gz")
+        staging.rename(folder)
+    return folder
+
+
+def dice_against_labels(prediction_folder: Path, label_folder: Path, cases: list[str]) -> dict[str, dict]:
+    """Dice and RVE (%) per case from the files (no surface distances: the study needs only these)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    scores = {}
+    for case in cases:
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}.nii.gz"))) == 1
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(label_folder / f"{case}.nii.gz"))) == 1
+        overlap, total = int(np.count_nonzero(predicted & reference)), int(predicted.sum() + reference.sum())
+        scores[case] = {"dice": 2.0 * overlap / total if total else 1.0,
+                        "rve_percent": 100.0 * abs(int(predicted.sum()) - int(reference.sum())) / int(reference.sum())}
+    return scores
+
+
+def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, images: Path, output: Path,
+                      plans: str = OUR_PLANS) -> None:
+    """gtv-predict with one model (its region restriction as in the ensemble), no fusion rule."""
+    if (output / "summary.json").is_file():
+        return
+    shutil.rmtree(output, ignore_errors=True)
+    env = dict(os.environ, nnUNet_results=str(results))
+    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", f"{trainer}:{FOLD}",
+         "-p", plans, "-chk", checkpoint, "-device", "cpu", "--keep-all-components", "-np", "0",
+         "--disable_progress_bar"], output.parent / f"{output.name}.log", env)
+
+
+def stage_study(dirs: dict, record: Record, iterations: int) -> None:
+    """Middle models of each STUDY variant, trained here on fold 0 and scored on its 12 validation CTs."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    study = record.data.setdefault("study", {})
+    trainer_name = OUR_TRAINER.format(scale=STUDY_SCALE)
+    labels = dirs["nnUNet_raw"] / DATASET / "labelsTr"
+    for number, (variant, (loss, foreground, schedule)) in enumerate(STUDY.items()):
+        if variant in study and "dice" in study[variant]:
+            continue
+        results = dirs["work"] / "study" / f"variant_{number}"
+        model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
+        if not (model_folder / "checkpoint_final.pth").is_file():
+            log(f"study: {variant}: training {iterations} iterations at batch 8 (log in {model_folder})")
+            trainer = get_trainer_from_args(DATASET, "3d_fullres", FOLD, trainer_name, OUR_PLANS,
+                                            device=torch.device("cpu"))
+            trainer.output_folder_base = str(model_folder.parent)
+            trainer.output_folder = str(model_folder)
+            model_folder.mkdir(parents=True, exist_ok=True)
+            default_log = Path(trainer.log_file)  # nnU-Net opened it in the default model folder
+            trainer.log_file = str(model_folder / default_log.name)
+            default_log.unlink(missing_ok=True)
+            trainer.loss_kind, trainer.oversample_foreground_percent, trainer.lr_schedule = loss, foreground, schedule
+            trainer.num_epochs = max(1, iterations // trainer.num_iterations_per_epoch)
+            trainer.snapshot_every_epochs = 0
+            load_before, start = load(), time.perf_counter()
+            trainer.run_training()
+            study[variant] = {"train_seconds": time.perf_counter() - start, "load": [load_before, load()],
+                              "iterations": trainer.num_epochs * trainer.num_iterations_per_epoch,
+                              "batch": trainer.batch_size}
+            record.save()
+            del trainer
+        output = dirs["work"] / "study_predictions" / f"variant_{number}"
+        predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs), output)
+        scores = dice_against_labels(output, labels, validation_cases(dirs))
+        study.setdefault(variant, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
+        study[variant]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
+        record.save()
+        log(f"study: {variant}: mean Dice on the 12 validation CTs {mean(study[variant]['dice'].values()):.3f}")
+
+
+def model_folder(dirs: dict, trainer: str, plans: str, configuration: str) -> Path:
+    return dirs["nnUNet_results"] / DATASET / f"{trainer}__{plans}__{configuration}" / f"fold_{FOLD}"
+
+
+def models() -> dict[str, tuple[str, str, str]]:
+    """Row name -> (trainer, plans, configuration): ours, then stock nnU-Net."""
+    rows = {scale: (OUR_TRAINER.format(scale=scale), OUR_PLANS, "3d_fullres") for scale in SCALES}
+    rows.update({f"nnU-Net {c}": (STOCK_TRAINER, "nnUNetPlans", c) for c in STOCK_CONFIGURATIONS})
+    return rows
+
+
+def training_log(folder: Path) -> dict:
+    """Epochs, training-loop minutes and learning curve (pseudo Dice) from nnU-Net's final checkpoint."""
+    import torch
+
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    starts, ends = logging["epoch_start_timestamps"], logging["epoch_end_timestamps"]
+    return {"epochs": len(ends), "loop_minutes": (ends[-1] - starts[0]) / 60.0,
+            "pseudo_dice": [float(d) for d in logging["mean_fg_dice"]]}
+
+
+def stage_train(dirs: dict, record: Record) -> None:
+    """Each row's model through nnUNetv2_train (end-of-training validation included), one after the other."""
+    training = record.data.setdefault("training", {})
+    for name, (trainer, plans, configuration) in models().items():
+        folder = model_folder(dirs, trainer, plans, configuration)
+        if not (folder / "validation" / "summary.json").is_file():
+            load_before = load()
+            seconds = run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), configuration, str(FOLD), "-tr", trainer,
+                           "-p", plans, "-device", "cpu"], dirs["logs"] / f"train_{name.replace(' ', '_')}.log")
+            training[name] = {"command_seconds": seconds, "load": [load_before, load()]}
+        summary = json.loads((folder / "validation" / "summary.json").read_text())
+        training.setdefault(name, {}).update(training_log(folder),
+                                             validation_dice=summary["foreground_mean"]["Dice"])
+        record.save()
+        log(f"{name}: {training[name]['epochs']} epochs, training loop {training[name]['loop_minutes']:.1f} min, "
+            f"nnU-Net's validation Dice on fold {FOLD}: {training[name]['validation_dice']:.3f}")
+
+
+def snapshot_iterations(folder: Path) -> dict[int, str]:
+    """Iterations -> weight snapshot file of one of our models (epochs of 50 iterations)."""
+    snapshots = {}
+    for path in folder.glob("checkpoint_epoch_*.pth"):
+        snapshots[50 * int(path.stem.rsplit("_", 1)[1])] = path.name
+    return dict(sorted(snapshots.items()))
+
+
+def stage_curves(dirs: dict, record: Record) -> None:
+    """Dice on fold 0's 12 validation CTs of every weight snapshot of our three models (each alone, in its
+    region), and of the final three fused as gtv-predict fuses them."""
+    curves = record.data.setdefault("curves", {})
+    images, labels, cases = validation_images(dirs), dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)
+    for scale in SCALES:
+        trainer, plans, configuration = models()[scale]
+        for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration)).items():
+            if str(iterations) in curves.get(scale, {}):
+                continue
+            output = dirs["work"] / "curves" / f"{scale}_{iterations}"
+            predict_one_model(dirs, dirs["nnUNet_results"], trainer, checkpoint, images, output)
+            curves.setdefault(scale, {})[str(iterations)] = {
+                c: s["dice"] for c, s in dice_against_labels(output, labels, cases).items()}
+            record.save()
+            log(f"curve {scale} at {iterations} iterations: mean Dice {mean(curves[scale][str(iterations)].values()):.3f}")
+    ensemble = dirs["work"] / "curves" / "ensemble_final"
+    predict_ensemble(dirs, images, ensemble)
+    choose_fusion(dirs, record, ensemble, labels, cases)
+
+
+def predict_ensemble(dirs: dict, images: Path, output: Path, fusion: list[str] = ()) -> None:
+    """The three final models fused by gtv-predict (with the options ``fusion``), each model's output kept."""
+    if (output / "summary.json").is_file():
+        return
+    shutil.rmtree(output, ignore_errors=True)
+    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET,
+         "-m", *[f"{scale}:{FOLD}" for scale in SCALES], "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS,
+         "-device", "cpu", "--save-model-predictions", "--disable_progress_bar", *fusion],
+        output.parent / f"{output.name}.log")
+
+
+def model_prediction_folders(fused: Path) -> list[Path]:
+    """Each model's own output of a gtv-predict run, in the order of SCALES."""
+    return [fused / "model_predictions" / f"{OUR_TRAINER.format(scale=scale)}__fold_{FOLD}" for scale in SCALES]
+
+
+def choose_fusion(dirs: dict, record: Record, ensemble: Path, labels: Path, cases: list[str]) -> str:
+    """Each FUSION_RULES rule over the saved model outputs of fold 0's validation CTs; the best mean Dice wins."""
+    scores = record.data.setdefault("fusion_rules", {})
+    for number, (rule, options) in enumerate(FUSION_RULES.items()):
+        if rule not in scores:
+            output = dirs["work"] / "fusion_rules" / f"rule_{number}"
+            shutil.rmtree(output, ignore_errors=True)
+            run([nnunet_command("gtv-uncertainty"), "-i", *map(str, model_prediction_folders(ensemble)),
+                 "-o", str(output), "-np", "2", *options], output.parent / f"rule_{number}.log")
+            scores[rule] = {c: s["dice"] for c, s in dice_against_labels(output, labels, cases).items()}
+            record.save()
+        log(f"fusion rule on fold {FOLD} validation: {rule}: mean Dice {mean(scores[rule].values()):.3f}")
+    best = max(FUSION_RULES, key=lambda rule: mean(scores[rule].values()))
+    record.data["fusion_rule"] = best
+    record.save()
+    log(f"chosen fusion rule (used on the test CTs): {best}")
+    return best
+
+
+def stage_test(dirs: dict, record: Record) -> None:
+    """The 16 held-out test CTs: our ensemble with gtv-predict, each stock model with nnUNetv2_predict."""
+    test = record.data.setdefault("test", {})
+    images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
+    fused = dirs["work"] / "test" / "ours_fused"
+    load_before = load()
+    predict_ensemble(dirs, images, fused, FUSION_RULES[record.data["fusion_rule"]])
+    test.setdefault("ours", {"load": [load_before, load()]})
+    for name, (trainer, plans, configuration) in models().items():
+        if trainer.startswith("nnUNetTrainerGTV"):
+            continue
+        output = dirs["work"] / "test" / name.replace(" ", "_")
+        if not (output / "timings.csv").is_file():
+            shutil.rmtree(output, ignore_errors=True)
+            load_before = load()
+            seconds = run([nnunet_command("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d",
+                           str(DATASET_ID), "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(FOLD),
+                           "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"],
+                          dirs["logs"] / f"predict_{name.replace(' ', '_')}.log")
+            cases = sorted(p.name[:-len(".nii.gz")] for p in output.glob("*.nii.gz"))
+            with open(output / "timings.csv", "w", newline="") as handle:  # the run's time shared out per case
+                writer = csv.writer(handle)
+                writer.writerow(["case", "seconds"])
+                writer.writerows([case, f"{seconds / len(cases):.2f}"] for case in cases)
+            test[name] = {"command_seconds": seconds, "load": [load_before, load()]}
+        record.save()
+
+
+def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
+    """gtv-evaluate and gtv-compare on the 16 test CTs, the learning curve, the uncertainty claims; with ``docs``
+    the figures are copied there (learning curve, overlays of the best, median and worst case)."""
+    import numpy as np
+    from scipy import stats
+
+    from nnunetv2_gtv.evaluation.plots import learning_curve_plot
+
+    report, test = record.data.setdefault("report", {}), record.data["test"]
+    raw = dirs["nnUNet_raw"] / DATASET
+    fused, out = dirs["work"] / "test" / "ours_fused", dirs["work"] / "report"
+    evaluation = out / "evaluation"
+    if not (evaluation / "evaluation.json").is_file():
+        run([nnunet_command("gtv-evaluate"), "-p", str(fused), "-r", str(raw / "labelsTs"), "-o", str(evaluation),
+             "--images", str(raw / "imagesTs")], dirs["logs"] / "gtv-evaluate.log")
+    # training minutes: nnUNetv2_train's wall time, end-of-training validation included; the ensemble: its three
+    own = {name: record.data["training"][name]["command_seconds"] / 60 for name in models()}
+    minutes = {"ours (fused)": sum(own[scale] for scale in SCALES), **{f"ours {s}": own[s] for s in SCALES},
+               **{name: value for name, value in own.items() if name not in SCALES}}
+    inputs = [f"ours (fused)={fused}"] + [f"ours {scale}={folder}"
+                                         for scale, folder in zip(SCALES, model_prediction_folders(fused))]
+    inputs += [f"{name}={dirs['work'] / 'test' / name.replace(' ', '_')}" for name in models() if name not in SCALES]
+    comparison = out / "comparison"
+    shutil.rmtree(comparison, ignore_errors=True)
+    run([nnunet_command("gtv-compare"), "-i", *inputs, "-r", str(raw / "labelsTs"), "-o", str(comparison),
+         "--training-minutes", *[f"{name}={value:.1f}" for name, value in minutes.items()]],
+        dirs["logs"] / "gtv-compare.log")
+    doc = json.loads((evaluation / "evaluation.json").read_text())
+    fused_rows = {row["case"]: row for row in doc["metrics"] if row["source"] == "fused"}
+    dice = {case: row["dice"] for case, row in fused_rows.items()}
+    rve = [row["rve_percent"] for row in fused_rows.values()]
+    with open(fused / "summary.csv", newline="") as handle:
+        review = {row["case"]: row["review"].lower() == "true" for row in csv.DictReader(handle)}
+    ranked = sorted(dice, key=dice.get)
+    worst_quarter = set(ranked[:max(1, len(ranked) // 4)])
+    flagged = {case for case, flag in review.items() if flag}
+    report.update(
+        fused_mean_dice=mean(dice.values()), fused_median_rve_percent=float(np.median(rve)),
+        error_rate=doc["error_rate"], vvc_vs_1_minus_dice=doc["vvc_vs_1_minus_dice"],
+        review={"flagged": sorted(flagged), "worst_quarter": sorted(worst_quarter),
+                "flagged_in_worst_quarter": len(flagged & worst_quarter),
+                "fisher_p": float(stats.fisher_exact([[len(flagged & worst_quarter), len(flagged - worst_quarter)],
+                                                      [len(worst_quarter - flagged),
+                                                       len(set(dice) - flagged - worst_quarter)]])[1])},
+        best_median_worst=[ranked[-1], ranked[len(ranked) // 2], ranked[0]], comparison=str(comparison),
+        evaluation=str(evaluation))
+    curves = {f"{scale} alone": {int(i): list(v.values()) for i, v in record.data["curves"][scale].items()}
+              for scale in SCALES if scale in record.data.get("curves", {})}
+    curve_png = out / "learning_curve.png"
+    learning_curve_plot(curves, curve_png, f"fold {FOLD}: Dice on its 12 validation CTs (mean, 25-75 % band)")
+    record.save()
+    if docs:
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(curve_png, docs / "learning_curve.png")
+        for what, case in zip(("best", "median", "worst"), report["best_median_worst"]):
+            shutil.copyfile(evaluation / doc["overlays"][case], docs / f"overlay_{what}_{case}.png")
+        for name in ("box_dice.png",):
+            shutil.copyfile(comparison / name, docs / name)
+        shutil.copyfile(evaluation / "error_rate_per_level.png", docs / "error_rate_per_level.png")
+        shutil.copyfile(evaluation / "vvc_vs_1_minus_dice.png", docs / "vvc_vs_1_minus_dice.png")
+        log(f"figures copied to {docs}")
+    print((comparison / "comparison.md").read_text())
+    log(f"fused on the 16 test CTs: mean Dice {report['fused_mean_dice']:.3f}, median RVE "
+        f"{report['fused_median_rve_percent']:.1f} %; review flags {sorted(flagged)}, worst quarter "
+        f"{sorted(worst_quarter)}; full numbers in {record.path}")
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--work", type=Path, required=True, help="working folder (kept; reused by a rerun)")
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="patient folders (default: %(default)s)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--study-iterations", type=int, default=250)
+    parser.add_argument("--docs", type=Path, help="copy the report's figures into this folder (e.g. docs/real_ct)")
+    args = parser.parse_args(argv)
+    if not args.source.is_dir():
+        log(f"{args.source} not found: nothing to do")
+        return 2
+    work = args.work.resolve()
+    dirs = configure_environment(work)
+    os.environ.setdefault("nnUNet_def_n_proc", "2")
+    dirs.update(work=work, logs=work / "logs")
+    record = Record(work / "real_ct.json")
+    record.data.setdefault("machine", {})["cores"] = os.cpu_count()
+    for stage in STAGES:
+        if stage not in args.stages:
+            continue
+        log(f"stage {stage}: load average {load()}")
+        start = time.perf_counter()
+        if stage == "dataset":
+            stage_dataset(args.source, dirs)
+        elif stage == "plan":
+            stage_plan(dirs)
+        elif stage == "study":
+            stage_study(dirs, record, args.study_iterations)
+        elif stage == "train":
+            stage_train(dirs, record)
+        elif stage == "curves":
+            stage_curves(dirs, record)
+        elif stage == "test":
+            stage_test(dirs, record)
+        elif stage == "report":
+            stage_report(dirs, record, args.docs)
+        record.data.setdefault("stages", {})[stage] = {"seconds": time.perf_counter() - start, "load_end": load()}
+        record.save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
