@@ -282,6 +282,11 @@ def predict_ensemble(dirs: dict, images: Path, output: Path, fusion: list[str] =
         output.parent / f"{output.name}.log")
 
 
+def fused_test_folder(dirs: dict, record: Record) -> Path:
+    """Where the test stage's ensemble output goes: one folder per fusion rule, so a rerun never mixes rules."""
+    return dirs["work"] / "test" / f"ours_fused_rule_{list(FUSION_RULES).index(record.data['fusion_rule'])}"
+
+
 def model_prediction_folders(fused: Path) -> list[Path]:
     """Each model's own output of a gtv-predict run, in the order of SCALES."""
     return [fused / "model_predictions" / f"{OUR_TRAINER.format(scale=scale)}__fold_{FOLD}" for scale in SCALES]
@@ -310,10 +315,10 @@ def stage_test(dirs: dict, record: Record) -> None:
     """The 16 held-out test CTs: our ensemble with gtv-predict, each stock model with nnUNetv2_predict."""
     test = record.data.setdefault("test", {})
     images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
-    fused = dirs["work"] / "test" / "ours_fused"
+    fused = fused_test_folder(dirs, record)
     load_before = load()
     predict_ensemble(dirs, images, fused, FUSION_RULES[record.data["fusion_rule"]])
-    test.setdefault("ours", {"load": [load_before, load()]})
+    test["ours"] = {"load": [load_before, load()], "fused": fused.name}
     for name, (trainer, plans, configuration) in models().items():
         if trainer.startswith("nnUNetTrainerGTV"):
             continue
@@ -344,8 +349,8 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
 
     report, test = record.data.setdefault("report", {}), record.data["test"]
     raw = dirs["nnUNet_raw"] / DATASET
-    fused, out = dirs["work"] / "test" / "ours_fused", dirs["work"] / "report"
-    evaluation = out / "evaluation"
+    fused, out = fused_test_folder(dirs, record), dirs["work"] / "report"
+    evaluation = out / f"evaluation_{fused.name}"
     if not (evaluation / "evaluation.json").is_file():
         run([nnunet_command("gtv-evaluate"), "-p", str(fused), "-r", str(raw / "labelsTs"), "-o", str(evaluation),
              "--images", str(raw / "imagesTs")], dirs["logs"] / "gtv-evaluate.log")
