@@ -232,7 +232,7 @@ def test_regions_are_cached_and_recomputed_when_stale(preprocessed, monkeypatch)
 
     calls = []
     real_compute = reg.compute_regions
-    monkeypatch.setattr(reg, "compute_regions", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    monkeypatch.setattr(reg.cache, "compute_regions", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
     assert load_or_compute_regions(folder, "case_000", threshold, [SLICE_MM, 1.0, 1.0]) == regions
     assert calls == []  # served from the cache (spacing given or derived alike)
     load_or_compute_regions(folder, "case_000", threshold, settings=RegionSettings(z_margin_mm=20.0))
