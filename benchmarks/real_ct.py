@@ -347,7 +347,7 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
 
     from nnunetv2_gtv.evaluation.plots import learning_curve_plot
 
-    report, test = record.data.setdefault("report", {}), record.data["test"]
+    report = record.data.setdefault("report", {})
     raw = dirs["nnUNet_raw"] / DATASET
     fused, out = fused_test_folder(dirs, record), dirs["work"] / "report"
     evaluation = out / f"evaluation_{fused.name}"
