@@ -345,7 +345,7 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
     import numpy as np
     from scipy import stats
 
-    from nnunetv2_gtv.evaluation.plots import learning_curve_plot
+    from nnunetv2_gtv.figures.evaluation_plots import learning_curve_plot
 
     report = record.data.setdefault("report", {})
     raw = dirs["nnUNet_raw"] / DATASET

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from nnunetv2_gtv.evaluation import plots
+from nnunetv2_gtv.figures import evaluation_plots as plots
 from nnunetv2_gtv.evaluation.folders import (
     EvaluationInputError,
     atomic_output,

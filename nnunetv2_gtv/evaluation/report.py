@@ -20,7 +20,7 @@ import scipy
 import SimpleITK as sitk
 
 from nnunetv2_gtv import __version__
-from nnunetv2_gtv.evaluation import plots
+from nnunetv2_gtv.figures import evaluation_plots as plots
 from nnunetv2_gtv.figures import overlay
 from nnunetv2_gtv.evaluation.folders import atomic_output
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise

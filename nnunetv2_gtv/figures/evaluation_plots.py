@@ -1,4 +1,4 @@
-"""The evaluation's PNG plots (the per-case overlay of CT, contours and entropy is in ``nnunetv2_gtv.figures``).
+"""The evaluation's PNG plots (the per-case overlay of CT, contours and entropy is in ``overlay``).
 
 Figures are built with ``matplotlib.figure.Figure`` directly, which renders with the Agg canvas and never
 touches pyplot's global backend, so no display is needed and an interactive session is left alone.
