@@ -250,12 +250,12 @@ def snapshot_iterations(folder: Path) -> dict[int, str]:
     return dict(sorted(snapshots.items()))
 
 
-def stage_curves(dirs: dict, record: Record) -> None:
+def stage_curves(dirs: dict, record: Record, scales: list[str]) -> None:
     """Dice on fold 0's 12 validation CTs of every weight snapshot of our three models (each alone, in its
     region), and of the final three fused as gtv-predict fuses them."""
     curves = record.data.setdefault("curves", {})
     images, labels, cases = validation_images(dirs), dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)
-    for scale in SCALES:
+    for scale in scales:
         trainer, plans, configuration = models()[scale]
         for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration)).items():
             if str(iterations) in curves.get(scale, {}):
@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="patient folders (default: %(default)s)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--study-iterations", type=int, default=250)
+    parser.add_argument("--curve-scales", nargs="+", choices=SCALES, default=list(SCALES),
+                        help="models whose snapshots the curves stage scores (about a minute per snapshot)")
     parser.add_argument("--docs", type=Path, help="copy the report's figures into this folder (e.g. docs/real_ct)")
     args = parser.parse_args(argv)
     if not args.source.is_dir():
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "train":
             stage_train(dirs, record)
         elif stage == "curves":
-            stage_curves(dirs, record)
+            stage_curves(dirs, record, args.curve_scales)
         elif stage == "test":
             stage_test(dirs, record)
         elif stage == "report":
