@@ -5,7 +5,7 @@ PTV70 as the target and the last two CTs held out, when present):
 
 1. plan and preprocess with ``nnUNetPlannerGTV25D``;
 2. train the paper's six models (Local, Middle, Global x folds 0 and 1) through the stock ``nnUNetv2_train`` with
-   the ``..._cpu`` recipe (300 iterations at batch 4, the README's "Trainers" section says what differs from the
+   the ``..._cpu`` recipe (300 iterations at batch 4, docs/trainers.md says what differs from the
    paper's recipe); ``--trainer-suffix ''`` trains the paper's full recipe instead (on a GPU: ``-device cuda``);
 3. segment the held-out cases with all six in one ``gtv-predict`` run (``--save-model-predictions`` keeps each
    model's own segmentation) and score them with ``gtv-evaluate``;

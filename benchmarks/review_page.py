@@ -6,7 +6,7 @@ the fused outputs of a simulated ``--models``-model ensemble (``nnunetv2_gtv.dem
 times ``gtv-review`` (its console script, with the CTs) and prints the page size, each case's box and GTV volume,
 and the load average (the CPU may be shared). The page is left in ``--work`` for a look in a browser;
 ``--screenshot PNG`` saves a picture of it from headless Chromium (playwright and Debian's ``chromium`` needed),
-palette-compressed (the README's ``docs/review_page.png``).
+palette-compressed (``docs/review_page.png``, shown in docs/review.md).
 
 Run: ``python benchmarks/review_page.py [--size 512 --slices 130] [--cases 3] [--models 6] [--work DIR]
 [--screenshot PNG]``

@@ -64,7 +64,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("inference (defaults chosen by benchmarks/inference_settings.py, see README)")
+    group = parser.add_argument_group(
+        "inference (defaults chosen by benchmarks/inference_settings.py, see docs/inference.md)")
     group.add_argument("--tile", type=parse_tile, default=DEFAULTS.tile, metavar="TILE",
                        help="patch (the training patch, nnU-Net's sliding window), slab (the patch's slices, whole "
                             "in-plane extent), whole (one pass over the image) or ZxYxX; the network's PE blocks "
@@ -81,8 +82,8 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-precision", choices=PRECISIONS, default="auto",
                        help="CPU arithmetic of the networks: auto = bfloat16 on CPUs that compute it natively "
                             "(AVX512-BF16, AMX; about 1.5x faster, fused segmentation within 0.1 %% Dice of "
-                            "float32, see README), float32 elsewhere (default: auto). On CUDA nnU-Net autocasts "
-                            "to float16 whatever this says")
+                            "float32, see docs/inference.md), float32 elsewhere (default: auto). On CUDA nnU-Net "
+                            "autocasts to float16 whatever this says")
     group.add_argument("-tiles_per_batch", type=int, metavar="N",
                        help="sliding-window tiles per network call (default: 2 on the CPU, 8 on CUDA); changes speed "
                             "and memory, not the result")

@@ -94,7 +94,7 @@ def render_tumour(wx: np.ndarray, wy: np.ndarray, wz: np.ndarray, centre_mm: tup
     irregular outline), plus two or three lobes reaching into the neighbours of the nasopharynx: forward
     into the airway, up towards the skull base, sideways into the parapharyngeal space (towards ``side``) or
     back towards the prevertebral muscles. The volume is set by :func:`tumour_volume_ml` before the lobes and
-    the clipping to soft tissue, so the rendered volume scatters around it (documented in the README).
+    the clipping to soft tissue, so the rendered volume scatters around it (documented in docs/synthetic.md).
     """
     dx = (wx - centre_mm[0])[None, None, :]
     dy = (wy - centre_mm[1])[None, :, None]

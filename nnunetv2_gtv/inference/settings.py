@@ -57,8 +57,8 @@ class InferenceSettings:
         return record
 
 
-# sliding-window step when none is given: half a tile on a GPU (fused Dice +0.026 in the README's settings
-# benchmark), none on the CPU, where half-tile steps cost 4-6x the time (six models > 180 s per clinical CT)
+# sliding-window step when none is given: half a tile on a GPU (fused Dice +0.026 in the settings benchmark,
+# docs/inference.md), none on the CPU, where half-tile steps cost 4-6x the time (six models > 180 s per clinical CT)
 DEFAULT_STEP_SIZE = {"cpu": 1.0, "cuda": 0.5}
 
 
