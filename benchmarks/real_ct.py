@@ -250,7 +250,7 @@ def snapshot_iterations(folder: Path) -> dict[int, str]:
     return dict(sorted(snapshots.items()))
 
 
-def stage_curves(dirs: dict, record: Record, scales: list[str]) -> None:
+def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] | None) -> None:
     """Dice on fold 0's 12 validation CTs of every weight snapshot of our three models (each alone, in its
     region), and of the final three fused as gtv-predict fuses them."""
     curves = record.data.setdefault("curves", {})
@@ -258,7 +258,7 @@ def stage_curves(dirs: dict, record: Record, scales: list[str]) -> None:
     for scale in scales:
         trainer, plans, configuration = models()[scale]
         for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration)).items():
-            if str(iterations) in curves.get(scale, {}):
+            if str(iterations) in curves.get(scale, {}) or (only and iterations not in only):
                 continue
             output = dirs["work"] / "curves" / f"{scale}_{iterations}"
             predict_one_model(dirs, dirs["nnUNet_results"], trainer, checkpoint, images, output)
@@ -360,7 +360,15 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
                **{name: value for name, value in own.items() if name not in SCALES}}
     inputs = [f"ours (fused)={fused}"] + [f"ours {scale}={folder}"
                                          for scale, folder in zip(SCALES, model_prediction_folders(fused))]
-    inputs += [f"{name}={dirs['work'] / 'test' / name.replace(' ', '_')}" for name in models() if name not in SCALES]
+    for name in models():
+        folder = dirs["work"] / "test" / name.replace(" ", "_")
+        if name in SCALES:
+            continue
+        if (folder / "timings.csv").is_file():
+            inputs.append(f"{name}={folder}")
+        else:
+            minutes.pop(name)
+            log(f"report: {name} left out, its test stage did not finish ({folder})")
     comparison = out / "comparison"
     shutil.rmtree(comparison, ignore_errors=True)
     run([nnunet_command("gtv-compare"), "-i", *inputs, "-r", str(raw / "labelsTs"), "-o", str(comparison),
@@ -394,7 +402,7 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
         docs.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(curve_png, docs / "learning_curve.png")
         for what, case in zip(("best", "median", "worst"), report["best_median_worst"]):
-            shutil.copyfile(evaluation / doc["overlays"][case], docs / f"overlay_{what}_{case}.png")
+            shutil.copyfile(evaluation / doc["overlays"][case], docs / f"overlay_{what}.png")
         for name in ("box_dice.png",):
             shutil.copyfile(comparison / name, docs / name)
         shutil.copyfile(evaluation / "error_rate_per_level.png", docs / "error_rate_per_level.png")
@@ -420,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study-iterations", type=int, default=250)
     parser.add_argument("--curve-scales", nargs="+", choices=SCALES, default=list(SCALES),
                         help="models whose snapshots the curves stage scores (about a minute per snapshot)")
+    parser.add_argument("--curve-iterations", nargs="+", type=int, metavar="N",
+                        help="score only the snapshots after these iterations (default: every snapshot)")
     parser.add_argument("--docs", type=Path, help="copy the report's figures into this folder (e.g. docs/real_ct)")
     args = parser.parse_args(argv)
     if not args.source.is_dir():
@@ -445,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "train":
             stage_train(dirs, record)
         elif stage == "curves":
-            stage_curves(dirs, record, args.curve_scales)
+            stage_curves(dirs, record, args.curve_scales, args.curve_iterations)
         elif stage == "test":
             stage_test(dirs, record)
         elif stage == "report":
