@@ -271,15 +271,17 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
     choose_fusion(dirs, record, ensemble, labels, cases)
 
 
-def predict_ensemble(dirs: dict, images: Path, output: Path, fusion: list[str] = ()) -> None:
-    """The three final models fused by gtv-predict (with the options ``fusion``), each model's output kept."""
+def predict_ensemble(dirs: dict, images: Path, output: Path, fusion: list[str] = ()) -> bool:
+    """The three final models fused by gtv-predict (with the options ``fusion``), each model's output kept;
+    False when an earlier run's output is there already."""
     if (output / "summary.json").is_file():
-        return
+        return False
     shutil.rmtree(output, ignore_errors=True)
     run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET,
          "-m", *[f"{scale}:{FOLD}" for scale in SCALES], "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS,
          "-device", "cpu", "--save-model-predictions", "--disable_progress_bar", *fusion],
         output.parent / f"{output.name}.log")
+    return True
 
 
 def fused_test_folder(dirs: dict, record: Record) -> Path:
@@ -317,8 +319,8 @@ def stage_test(dirs: dict, record: Record) -> None:
     images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
     fused = fused_test_folder(dirs, record)
     load_before = load()
-    predict_ensemble(dirs, images, fused, FUSION_RULES[record.data["fusion_rule"]])
-    test["ours"] = {"load": [load_before, load()], "fused": fused.name}
+    if predict_ensemble(dirs, images, fused, FUSION_RULES[record.data["fusion_rule"]]):
+        test["ours"] = {"load": [load_before, load()], "fused": fused.name}
     for name, (trainer, plans, configuration) in models().items():
         if trainer.startswith("nnUNetTrainerGTV"):
             continue
@@ -379,10 +381,14 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
     dice = {case: row["dice"] for case, row in fused_rows.items()}
     rve = [row["rve_percent"] for row in fused_rows.values()]
     with open(fused / "summary.csv", newline="") as handle:
-        review = {row["case"]: row["review"].lower() == "true" for row in csv.DictReader(handle)}
+        summary = list(csv.DictReader(handle))
+    review = {row["case"]: row["review"].lower() == "true" for row in summary}
+    vvc = {row["case"]: float(row["vvc"]) for row in summary}
     ranked = sorted(dice, key=dice.get)
-    worst_quarter = set(ranked[:max(1, len(ranked) // 4)])
+    quarter = max(1, len(ranked) // 4)
+    worst_quarter = set(ranked[:quarter])
     flagged = {case for case, flag in review.items() if flag}
+    highest_vvc = set(sorted(vvc, key=vvc.get)[-quarter:])  # a flag at whatever threshold flags a quarter
     report.update(
         fused_mean_dice=mean(dice.values()), fused_median_rve_percent=float(np.median(rve)),
         error_rate=doc["error_rate"], vvc_vs_1_minus_dice=doc["vvc_vs_1_minus_dice"],
@@ -390,7 +396,9 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
                 "flagged_in_worst_quarter": len(flagged & worst_quarter),
                 "fisher_p": float(stats.fisher_exact([[len(flagged & worst_quarter), len(flagged - worst_quarter)],
                                                       [len(worst_quarter - flagged),
-                                                       len(set(dice) - flagged - worst_quarter)]])[1])},
+                                                       len(set(dice) - flagged - worst_quarter)]])[1]),
+                "highest_vvc_quarter": sorted(highest_vvc),
+                "highest_vvc_quarter_in_worst_quarter": len(highest_vvc & worst_quarter)},
         best_median_worst=[ranked[-1], ranked[len(ranked) // 2], ranked[0]], comparison=str(comparison),
         evaluation=str(evaluation))
     curves = {f"{scale} alone": {int(i): list(v.values()) for i, v in record.data["curves"][scale].items()}
@@ -411,7 +419,7 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
     print((comparison / "comparison.md").read_text())
     log(f"fused on the 16 test CTs: mean Dice {report['fused_mean_dice']:.3f}, median RVE "
         f"{report['fused_median_rve_percent']:.1f} %; review flags {sorted(flagged)}, worst quarter "
-        f"{sorted(worst_quarter)}; full numbers in {record.path}")
+        f"{sorted(worst_quarter)}, highest VVC {sorted(highest_vvc)}; full numbers in {record.path}")
 
 
 def mean(values) -> float:
