@@ -160,8 +160,9 @@ def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, 
          "--disable_progress_bar"], output.parent / f"{output.name}.log", env)
 
 
-def stage_study(dirs: dict, record: Record, iterations: int) -> None:
-    """Middle models of each STUDY variant, trained here on fold 0 and scored on its 12 validation CTs."""
+def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int] | None) -> None:
+    """Middle models of each STUDY variant (or of the ``variants`` numbers), trained here on fold 0 for
+    ``iterations`` and scored on its 12 validation CTs; results are kept per variant and length."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -169,12 +170,13 @@ def stage_study(dirs: dict, record: Record, iterations: int) -> None:
     trainer_name = OUR_TRAINER.format(scale=STUDY_SCALE)
     labels = dirs["nnUNet_raw"] / DATASET / "labelsTr"
     for number, (variant, (loss, foreground, schedule)) in enumerate(STUDY.items()):
-        if variant in study and "dice" in study[variant]:
+        key = f"{variant}, {iterations} iterations"
+        if (variants is not None and number not in variants) or "dice" in study.get(key, {}):
             continue
-        results = dirs["work"] / "study" / f"variant_{number}"
+        results = dirs["work"] / "study" / f"variant_{number}_{iterations}"
         model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
         if not (model_folder / "checkpoint_final.pth").is_file():
-            log(f"study: {variant}: training {iterations} iterations at batch 8 (log in {model_folder})")
+            log(f"study: {key}: training {iterations} iterations at batch 8 (log in {model_folder})")
             trainer = get_trainer_from_args(DATASET, "3d_fullres", FOLD, trainer_name, OUR_PLANS,
                                             device=torch.device("cpu"))
             trainer.output_folder_base = str(model_folder.parent)
@@ -188,18 +190,18 @@ def stage_study(dirs: dict, record: Record, iterations: int) -> None:
             trainer.snapshot_every_epochs = 0
             load_before, start = load(), time.perf_counter()
             trainer.run_training()
-            study[variant] = {"train_seconds": time.perf_counter() - start, "load": [load_before, load()],
+            study[key] = {"train_seconds": time.perf_counter() - start, "load": [load_before, load()],
                               "iterations": trainer.num_epochs * trainer.num_iterations_per_epoch,
                               "batch": trainer.batch_size}
             record.save()
             del trainer
-        output = dirs["work"] / "study_predictions" / f"variant_{number}"
+        output = dirs["work"] / "study_predictions" / f"variant_{number}_{iterations}"
         predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs), output)
         scores = dice_against_labels(output, labels, validation_cases(dirs))
-        study.setdefault(variant, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
-        study[variant]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
+        study.setdefault(key, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
+        study[key]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
         record.save()
-        log(f"study: {variant}: mean Dice on the 12 validation CTs {mean(study[variant]['dice'].values()):.3f}")
+        log(f"study: {key}: mean Dice on the 12 validation CTs {mean(study[key]['dice'].values()):.3f}")
 
 
 def model_folder(dirs: dict, trainer: str, plans: str, configuration: str) -> Path:
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="patient folders (default: %(default)s)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--study-iterations", type=int, default=250)
+    parser.add_argument("--study-variants", nargs="+", type=int, choices=range(len(STUDY)), metavar="N",
+                        help="train only these STUDY variants (numbers from 0; default: all)")
     parser.add_argument("--curve-scales", nargs="+", choices=SCALES, default=list(SCALES),
                         help="models whose snapshots the curves stage scores (about a minute per snapshot)")
     parser.add_argument("--curve-iterations", nargs="+", type=int, metavar="N",
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "plan":
             stage_plan(dirs)
         elif stage == "study":
-            stage_study(dirs, record, args.study_iterations)
+            stage_study(dirs, record, args.study_iterations, args.study_variants)
         elif stage == "train":
             stage_train(dirs, record)
         elif stage == "curves":
