@@ -536,11 +536,21 @@ def test_parts_share_one_output_folder(results, cts, tmp_path):
     assert run([*args, "-part_id", "1"])[0] == 0  # cases sorted: case_006, flipped; part 1 is flipped
     assert sorted(_mtimes(out)) == ["flipped.nrrd", "flipped_entropy.nrrd"]
     assert summary_cases() == ["flipped"]
+    check = ["-i", folder, "-o", out, *SMOKE, "-m", "Global:0", *FAST, "--check"]
+    code, stdout, stderr = run(check)  # what the last job of a sharded run does: nothing predicted, case_006 named
+    assert code == 1 and "1 finished" in stdout and "case_006: not finished in" in stderr
+    assert sorted(_mtimes(out)) == ["flipped.nrrd", "flipped_entropy.nrrd"] and summary_cases() == ["flipped"]
     assert run([*args, "-part_id", "0"])[0] == 0
     assert sorted(_mtimes(out)) == ["case_006.nii.gz", "case_006_entropy.nii.gz", "flipped.nrrd",
                                     "flipped_entropy.nrrd"]
     assert summary_cases() == ["case_006", "flipped"]
     assert sorted(_timings(out)) == ["case_006", "flipped"]  # the second part kept the first part's row
+    before = _mtimes(out)
+    code, stdout, _ = run(check)
+    assert code == 0 and "2 finished" in stdout and summary_cases() == ["case_006", "flipped"]
+    assert _mtimes(out) == before
+    with pytest.raises(SystemExit):
+        run([*check, "-num_parts", "2"])
 
 
 # ---------------------------------------------------------------- units

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export processes working beside prediction when there are several cases; 0 = export in "
                           "this process (default: %(default)s)")
     add_resume_and_part_arguments(run, "models and settings")
+    run.add_argument("--check", action="store_true",
+                     help="predict nothing: check that every case of -i is finished in OUT with these models and "
+                          "settings (e.g. after a run sharded with -num_parts), write the summary of all of them, and "
+                          "exit 1 naming the cases that are not")
     run.add_argument("--save-model-predictions", action="store_true",
                      help="also write each model's own prediction (segmentation, .npz probabilities, .pkl) to "
                           "OUT/model_predictions/<trainer>__fold_<f>, as nnUNetv2_predict --save_probabilities does")
@@ -154,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_run_arguments(parser, args, min_processes=0)
+    if args.check and args.num_parts != 1:
+        parser.error("--check looks at every case: leave out -num_parts / -part_id")
     if args.tiles_per_batch is not None and args.tiles_per_batch < 1:
         parser.error("-tiles_per_batch must be at least 1")
     try:
@@ -196,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "inference": settings.record(),
                    "weights": list(fusion.model_weights(len(models))),
                    "settings": fusion_settings_record(fusion)}
-    options = RunOptions(args.np, args.resume, args.num_parts, args.part_id, model_folders,
-                         not args.disable_progress_bar, overlap_export=device.type != "cpu")
+    options = RunOptions(args.np, args.resume or args.check, args.num_parts, args.part_id, model_folders,
+                         not args.disable_progress_bar, overlap_export=device.type != "cpu", check_only=args.check)
     report = predict_cases(ensemble, cases, output_folder, fusion, fingerprint, options)
     write_timings(output_folder, report.timings, model_folders or ())
     if dicom_series:

@@ -46,6 +46,7 @@ class RunOptions:
     model_folders: tuple[Path, ...] | None = None  # also write each model's own prediction there
     progress: bool = True
     overlap_export: bool = False  # export each model while the next ones predict (when the models run on a GPU)
+    check_only: bool = False  # predict nothing: every case not finished before is a failure
 
 
 @dataclass
@@ -244,8 +245,15 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
     for folder in options.model_folders or ():
         prepare_model_predictions_folder(folder, plans, ensemble.dataset_json)
     todo = _cases_to_do(cases, output_folder, fusion, run_fingerprint, options, report)
-    log(f"gtv-predict: {len(cases)} cases, this part {len(todo) + len(report.skipped)}: "
-        f"{len(report.skipped)} already finished, {len(todo)} to predict with {len(ensemble.models)} models")
+    if options.check_only:
+        log(f"gtv-predict: {len(cases)} cases: {len(report.skipped)} finished in {output_folder} with these models "
+            f"and settings, {len(todo)} not")
+        report.failures.extend(f"{case.case}: not finished in {output_folder} with these models and settings "
+                               f"({case.path})" for case, _ in todo)
+        todo = []
+    else:
+        log(f"gtv-predict: {len(cases)} cases, this part {len(todo) + len(report.skipped)}: "
+            f"{len(report.skipped)} already finished, {len(todo)} to predict with {len(ensemble.models)} models")
 
     exporter = _Exporter(options.num_processes if len(todo) > 1 else 0, options.overlap_export)
     labels = [m.label for m in ensemble.models]
