@@ -1,0 +1,1 @@
+"""Running the pipeline on a cluster: sbatch scripts for Slurm and the check of a sharded prediction."""
