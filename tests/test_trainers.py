@@ -221,7 +221,7 @@ def test_wall_clock_budget_stretches_the_schedule_and_stops_in_time(monkeypatch)
     clock = [100.0]
     monkeypatch.setattr(budget_baselines.time, "monotonic", lambda: clock[0])
     trainer = Budgeted({}, "3d_fullres", 0, {}, torch.device("cpu"))
-    assert trainer.num_iterations_per_epoch == 25 and trainer.num_val_iterations_per_epoch == 5
+    assert trainer.num_iterations_per_epoch == 5 and trainer.num_val_iterations_per_epoch == 1
     trainer.run_training()
     assert trainer.ended and trainer.current_epoch == 3  # a fourth epoch would end after 4 of the 3.5 minutes
     assert trainer.num_epochs == 3 and trainer.schedule == [3, 3]  # the poly schedule spans the 3 epochs
