@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,36 @@ def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dat
     assert snapshot["trainer_name"] == "nnUNetTrainerGTV25DMiddle_cpuRealCT" and "optimizer_state" not in snapshot
     for key, value in trainer.network.state_dict().items():
         assert torch.equal(snapshot["network_weights"][key], value)
+
+
+def test_cpu_real_ct_study_knobs_reach_training_and_the_saved_plans(gtv_dataset, monkeypatch, tmp_path):
+    """The recipe study's mirror_axes and patch_size_zyx: augmentation and test-time mirroring follow the axes, a
+    patch of its own stays in-plane augmented and goes into the plans the model folder keeps for inference."""
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
+
+    for name, path in {**gtv_dataset["dirs"], "nnUNet_results": str(tmp_path)}.items():
+        monkeypatch.setenv(name, path)
+    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    trainer = nnUNetTrainerGTV25DMiddle_cpuRealCT(plans, "3d_fullres", 0,
+                                                  json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
+    rotation, dummy_2d, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror is None and trainer.inference_allowed_mirroring_axes is None and dummy_2d and initial[0] == 16
+    trainer.mirror_axes, trainer.patch_size_zyx = (2,), (32, 64, 64)
+    trainer.output_folder_base, trainer.output_folder = str(tmp_path), str(tmp_path / "fold_0")
+    trainer.on_train_start()
+    try:
+        assert trainer.configuration_manager.patch_size == [32, 64, 64]
+        saved = json.loads((tmp_path / "plans.json").read_text())
+        assert saved["configurations"]["3d_fullres"]["patch_size"] == [32, 64, 64]
+        rotation, dummy_2d, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        assert dummy_2d and initial[0] == 32 and rotation == (-math.pi, math.pi)  # nnU-Net alone would go 3D here
+        assert mirror == (2,) and trainer.inference_allowed_mirroring_axes == (2,)
+        data = next(trainer.dataloader_train)["data"]
+        assert tuple(data.shape[2:]) == (32, 64, 64)
+    finally:
+        trainer.on_train_end()
 
 
 def test_wall_clock_budget_stretches_the_schedule_and_stops_in_time(monkeypatch):
