@@ -10,7 +10,7 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    Middle models trained in this process for ``--study-iterations`` iterations at batch 8, one per variant of
    the loss, foreground share and lr schedule (``STUDY``), each scored on the 12 validation CTs;
 4. ``train``: through ``nnUNetv2_train``: ours (Local, Middle, Global fold 0, ``_cpuRealCT``) and stock nnU-Net
-   (``nnUNetTrainer_20min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
+   (``nnUNetTrainer_40min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
 5. ``curves``: each of our models' weight snapshots (every 2 epochs) scored on the 12 validation CTs of fold 0:
    Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen on the same 12 CTs;
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the three models fused, each model's own output kept) and with
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from inference_settings import configure_environment, nnunet_command
 
@@ -42,25 +43,43 @@ DATASET_ID, DATASET = 920, "Dataset920_HeadNeckPTV70"
 OUR_PLANS, OUR_SPACING = "nnUNetPlansGTV25D_3x4x4", ("3", "4", "4")
 SCALES = ("Local", "Middle", "Global")
 OUR_TRAINER = "nnUNetTrainerGTV25D{scale}_cpuRealCT"
-STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_20min", ("2d", "3d_fullres")
-FOLD = 0
+STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_40min", ("2d", "3d_fullres")
+FOLD = 0  # the split of the comparison: stock nnU-Net's fold, the learning curve, the choice of fusion rule
+OUR_FOLDS = (0, 1)  # the paper's six models: every scale on folds 0 and 1
 STAGES = ("dataset", "plan", "study", "train", "curves", "test", "report")
-# recipe study: variant -> (loss, share of each batch centred on foreground, lr schedule); Adam from 1e-3, batch 8
+# recipe study: variant -> attributes of the _cpuRealCT trainer set on the instance (Adam from 1e-3, batch 8; what a
+# variant does not name stays as the recipe has it). The scores of a variant with mirror_axes use test-time mirroring.
+BASE = {"loss_kind": "dice_ce", "oversample_foreground_percent": 0.33, "lr_schedule": "poly"}
 STUDY = {
-    "Dice, 50 % foreground, constant lr (the _cpu recipe)": ("dice", 0.5, "step"),
-    "Dice + CE, 50 % foreground, constant lr": ("dice_ce", 0.5, "step"),
-    "Dice + CE, 33 % foreground, constant lr": ("dice_ce", 0.33, "step"),
-    "Dice + CE, 33 % foreground, poly lr (the _cpuRealCT recipe)": ("dice_ce", 0.33, "poly"),
+    "Dice, 50 % foreground, constant lr (the _cpu recipe)":
+        {"loss_kind": "dice", "oversample_foreground_percent": 0.5, "lr_schedule": "step"},
+    "Dice + CE, 50 % foreground, constant lr": {**BASE, "oversample_foreground_percent": 0.5, "lr_schedule": "step"},
+    "Dice + CE, 33 % foreground, constant lr": {**BASE, "lr_schedule": "step"},
+    "Dice + CE, 33 % foreground, poly lr": dict(BASE),
+    "Dice + CE, 33 % foreground, poly lr, left-right mirroring": {**BASE, "mirror_axes": (2,)},
+    "Dice + CE, 33 % foreground, poly lr, patch 32 x 64 x 64, batch 4": {**BASE, "patch_size_zyx": (32, 64, 64),
+                                                                          "batch_size": 4},
 }
+STUDY_BASE = "Dice + CE, 33 % foreground, poly lr"  # the variant whose model the inference study scores
+# inference study: gtv-predict options scored on the STUDY_BASE model; INFERENCE, chosen there, scores everything else
+# (--enable_tta mirrors only where the model's trainer allows it: its mirror_axes)
+INFERENCE_STUDY = {
+    "patch, step 1 (gtv-predict's CPU default)": ["-step_size", "1"],
+    "patch, step 0.5 (nnU-Net's default)": ["-step_size", "0.5"],
+    "patch, step 0.25": ["-step_size", "0.25"],
+    "slab (16 slices, whole in-plane extent), step 1": ["--tile", "slab", "-step_size", "1"],
+}
+INFERENCE = INFERENCE_STUDY["patch, step 0.5 (nnU-Net's default)"] + ["--enable_tta"]
 STUDY_SCALE = "Middle"  # the region that holds the PTV70 of 46 of the 48 training CTs of fold 0
-# fusion rules tried on fold 0's validation CTs (gtv-uncertainty options over the three models' saved outputs,
-# order Local, Middle, Global); the best one is the rule of the test stage. Local sees only the head region and
-# gives background below it, where most of a PTV70 lies.
+# fusion rules tried on fold 0's validation CTs with the three fold-0 models (gtv-uncertainty over their saved
+# outputs); the best one fuses the test CTs. Local sees only the head region and gives background below it, where
+# most of a PTV70 lies: a rule may weigh the Local models' probabilities less (every model still votes once in the
+# entropy and VVC).
 FUSION_RULES = {
-    "equal weights, largest component (gtv-predict's default)": [],
-    "equal weights, every component": ["--keep-all-components"],
-    "Local weight 0.5, largest component": ["--weights", "0.5", "1", "1"],
-    "Local weight 0.25, largest component": ["--weights", "0.25", "1", "1"],
+    "equal weights, largest component (gtv-predict's default)": {},
+    "equal weights, every component": {"keep_all_components": True},
+    "Local weight 0.5, largest component": {"local_weight": 0.5},
+    "Local weight 0.25, largest component": {"local_weight": 0.25},
 }
 
 
@@ -114,6 +133,21 @@ def stage_plan(dirs: dict) -> None:
              "-np", "2"], dirs["logs"] / "plan_stock.log", dict(os.environ, nnUNet_n_proc_DA="2"))
 
 
+def fusion_options(rule: str, specs: Sequence[str]) -> list[str]:
+    """gtv-predict / gtv-uncertainty options of a FUSION_RULES rule for the models ``specs`` (SCALE:FOLD)."""
+    settings = FUSION_RULES[rule]
+    options = ["--keep-all-components"] if settings.get("keep_all_components") else []
+    if "local_weight" in settings:
+        options += ["--weights", *[str(settings["local_weight"]) if spec.startswith("Local:") else "1"
+                                   for spec in specs]]
+    return options
+
+
+def our_specs(folds: Sequence[int] = OUR_FOLDS) -> list[str]:
+    """Our models as gtv-predict names them (SCALE:FOLD), in its default order."""
+    return [f"{scale}:{fold}" for scale in SCALES for fold in folds]
+
+
 def validation_cases(dirs: dict) -> list[str]:
     splits = json.loads((dirs["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())
     return sorted(splits[FOLD]["val"])
@@ -149,7 +183,7 @@ def dice_against_labels(prediction_folder: Path, label_folder: Path, cases: list
 
 
 def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, images: Path, output: Path,
-                      plans: str = OUR_PLANS) -> None:
+                      plans: str = OUR_PLANS, inference: Sequence[str] = tuple(INFERENCE)) -> None:
     """gtv-predict with one model (its region restriction as in the ensemble), no fusion rule."""
     if (output / "summary.json").is_file():
         return
@@ -157,7 +191,7 @@ def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, 
     env = dict(os.environ, nnUNet_results=str(results))
     run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", f"{trainer}:{FOLD}",
          "-p", plans, "-chk", checkpoint, "-device", "cpu", "--keep-all-components", "-np", "0",
-         "--disable_progress_bar"], output.parent / f"{output.name}.log", env)
+         "--disable_progress_bar", *inference], output.parent / f"{output.name}.log", env)
 
 
 def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int] | None) -> None:
@@ -169,7 +203,7 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
     study = record.data.setdefault("study", {})
     trainer_name = OUR_TRAINER.format(scale=STUDY_SCALE)
     labels = dirs["nnUNet_raw"] / DATASET / "labelsTr"
-    for number, (variant, (loss, foreground, schedule)) in enumerate(STUDY.items()):
+    for number, (variant, overrides) in enumerate(STUDY.items()):
         key = f"{variant}, {iterations} iterations"
         if (variants is not None and number not in variants) or "dice" in study.get(key, {}):
             continue
@@ -185,7 +219,8 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
             default_log = Path(trainer.log_file)  # nnU-Net opened it in the default model folder
             trainer.log_file = str(model_folder / default_log.name)
             default_log.unlink(missing_ok=True)
-            trainer.loss_kind, trainer.oversample_foreground_percent, trainer.lr_schedule = loss, foreground, schedule
+            for attribute, value in overrides.items():
+                setattr(trainer, attribute, value)
             trainer.num_epochs = max(1, iterations // trainer.num_iterations_per_epoch)
             trainer.snapshot_every_epochs = 0
             load_before, start = load(), time.perf_counter()
@@ -202,17 +237,46 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
         study[key]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
         record.save()
         log(f"study: {key}: mean Dice on the 12 validation CTs {mean(study[key]['dice'].values()):.3f}")
+    inference_study(dirs, record, iterations)
 
 
-def model_folder(dirs: dict, trainer: str, plans: str, configuration: str) -> Path:
-    return dirs["nnUNet_results"] / DATASET / f"{trainer}__{plans}__{configuration}" / f"fold_{FOLD}"
+def inference_study(dirs: dict, record: Record, iterations: int) -> None:
+    """The STUDY_BASE model (when trained for ``iterations``) scored with each INFERENCE_STUDY option."""
+    number = list(STUDY).index(STUDY_BASE)
+    results = dirs["work"] / "study" / f"variant_{number}_{iterations}"
+    trainer_name = OUR_TRAINER.format(scale=STUDY_SCALE)
+    if not (results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}" /
+            "checkpoint_final.pth").is_file():
+        return
+    scores = record.data.setdefault("inference_study", {})
+    for option_number, (name, options) in enumerate(INFERENCE_STUDY.items()):
+        key = f"{name}, {iterations} iterations"
+        if key not in scores:
+            output = dirs["work"] / "inference_study" / f"option_{option_number}_{iterations}"
+            load_before, start = load(), time.perf_counter()
+            predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs), output,
+                              inference=options)
+            seconds = time.perf_counter() - start
+            scores[key] = {"dice": {c: s["dice"] for c, s in dice_against_labels(
+                output, dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)).items()},
+                "seconds_per_case": seconds / len(validation_cases(dirs)), "load": [load_before, load()]}
+            record.save()
+        log(f"inference study: {key}: mean Dice on the 12 validation CTs {mean(scores[key]['dice'].values()):.3f}, "
+            f"{scores[key]['seconds_per_case']:.1f} s per case")
 
 
-def models() -> dict[str, tuple[str, str, str]]:
-    """Row name -> (trainer, plans, configuration): ours, then stock nnU-Net."""
-    rows = {scale: (OUR_TRAINER.format(scale=scale), OUR_PLANS, "3d_fullres") for scale in SCALES}
-    rows.update({f"nnU-Net {c}": (STOCK_TRAINER, "nnUNetPlans", c) for c in STOCK_CONFIGURATIONS})
-    return rows
+def model_folder(dirs: dict, trainer: str, plans: str, configuration: str, fold: int) -> Path:
+    return dirs["nnUNet_results"] / DATASET / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
+
+
+def models() -> dict[str, tuple[str, str, str, int]]:
+    """Row name -> (trainer, plans, configuration, fold): ours (SCALE:FOLD) and stock nnU-Net (fold FOLD)."""
+    ours = {spec: (OUR_TRAINER.format(scale=spec.split(":")[0]), OUR_PLANS, "3d_fullres", int(spec.split(":")[1]))
+            for spec in our_specs()}
+    stock = {f"nnU-Net {c}": (STOCK_TRAINER, "nnUNetPlans", c, FOLD) for c in STOCK_CONFIGURATIONS}
+    # the order of training: the models of the side-by-side comparison (fold FOLD) first
+    return {name: row for name, row in (*ours.items(), *stock.items()) if row[3] == FOLD} | \
+        {name: row for name, row in ours.items() if row[3] != FOLD}
 
 
 def training_log(folder: Path) -> dict:
@@ -229,19 +293,19 @@ def training_log(folder: Path) -> dict:
 def stage_train(dirs: dict, record: Record) -> None:
     """Each row's model through nnUNetv2_train (end-of-training validation included), one after the other."""
     training = record.data.setdefault("training", {})
-    for name, (trainer, plans, configuration) in models().items():
-        folder = model_folder(dirs, trainer, plans, configuration)
+    for name, (trainer, plans, configuration, fold) in models().items():
+        folder = model_folder(dirs, trainer, plans, configuration, fold)
         if not (folder / "validation" / "summary.json").is_file():
             load_before = load()
-            seconds = run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), configuration, str(FOLD), "-tr", trainer,
-                           "-p", plans, "-device", "cpu"], dirs["logs"] / f"train_{name.replace(' ', '_')}.log")
+            seconds = run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), configuration, str(fold), "-tr", trainer,
+                           "-p", plans, "-device", "cpu"], dirs["logs"] / f"train_{name.replace(' ', '_').replace(':', '_')}.log")
             training[name] = {"command_seconds": seconds, "load": [load_before, load()]}
         summary = json.loads((folder / "validation" / "summary.json").read_text())
         training.setdefault(name, {}).update(training_log(folder),
                                              validation_dice=summary["foreground_mean"]["Dice"])
         record.save()
         log(f"{name}: {training[name]['epochs']} epochs, training loop {training[name]['loop_minutes']:.1f} min, "
-            f"nnU-Net's validation Dice on fold {FOLD}: {training[name]['validation_dice']:.3f}")
+            f"nnU-Net's validation Dice on fold {fold}: {training[name]['validation_dice']:.3f}")
 
 
 def snapshot_iterations(folder: Path) -> dict[int, str]:
@@ -253,13 +317,14 @@ def snapshot_iterations(folder: Path) -> dict[int, str]:
 
 
 def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] | None) -> None:
-    """Dice on fold 0's 12 validation CTs of every weight snapshot of our three models (each alone, in its
-    region), and of the final three fused as gtv-predict fuses them."""
+    """Dice on fold 0's 12 validation CTs of every weight snapshot of our fold-0 models of ``scales`` (each alone,
+    in its region); then the fusion rule, chosen with the three final fold-0 models."""
     curves = record.data.setdefault("curves", {})
     images, labels, cases = validation_images(dirs), dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)
     for scale in scales:
-        trainer, plans, configuration = models()[scale]
-        for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration)).items():
+        trainer, plans, configuration, fold = models()[f"{scale}:{FOLD}"]
+        for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration,
+                                                                       fold)).items():
             if str(iterations) in curves.get(scale, {}) or (only and iterations not in only):
                 continue
             output = dirs["work"] / "curves" / f"{scale}_{iterations}"
@@ -269,42 +334,47 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
             record.save()
             log(f"curve {scale} at {iterations} iterations: mean Dice {mean(curves[scale][str(iterations)].values()):.3f}")
     ensemble = dirs["work"] / "curves" / "ensemble_final"
-    predict_ensemble(dirs, images, ensemble)
+    predict_ensemble(dirs, images, ensemble, our_specs([FOLD]))
     choose_fusion(dirs, record, ensemble, labels, cases)
 
 
-def predict_ensemble(dirs: dict, images: Path, output: Path, fusion: list[str] = ()) -> bool:
-    """The three final models fused by gtv-predict (with the options ``fusion``), each model's output kept;
-    False when an earlier run's output is there already."""
+def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
+    """The final models ``specs`` fused by gtv-predict (with the options ``fusion``; inference as INFERENCE),
+    each model's output kept; False when an earlier run's output is there already."""
     if (output / "summary.json").is_file():
         return False
     shutil.rmtree(output, ignore_errors=True)
-    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET,
-         "-m", *[f"{scale}:{FOLD}" for scale in SCALES], "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS,
-         "-device", "cpu", "--save-model-predictions", "--disable_progress_bar", *fusion],
-        output.parent / f"{output.name}.log")
+    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", *specs,
+         "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS, "-device", "cpu", "--save-model-predictions",
+         "--disable_progress_bar", *INFERENCE, *fusion], output.parent / f"{output.name}.log")
     return True
 
 
-def fused_test_folder(dirs: dict, record: Record) -> Path:
-    """Where the test stage's ensemble output goes: one folder per fusion rule, so a rerun never mixes rules."""
-    return dirs["work"] / "test" / f"ours_fused_rule_{list(FUSION_RULES).index(record.data['fusion_rule'])}"
+def fused_test_folders(dirs: dict, record: Record) -> dict[str, Path]:
+    """The test stage's ensembles: the six models (gtv-predict) and the three of fold 0 (gtv-uncertainty over their
+    saved outputs); one folder per fusion rule, so a rerun never mixes rules."""
+    rule = list(FUSION_RULES).index(record.data["fusion_rule"])
+    return {"six": dirs["work"] / "test" / f"ours_fused_rule_{rule}",
+            "fold 0": dirs["work"] / "test" / f"ours_fused_fold{FOLD}_rule_{rule}"}
 
 
-def model_prediction_folders(fused: Path) -> list[Path]:
-    """Each model's own output of a gtv-predict run, in the order of SCALES."""
-    return [fused / "model_predictions" / f"{OUR_TRAINER.format(scale=scale)}__fold_{FOLD}" for scale in SCALES]
+def model_prediction_folders(fused: Path, specs: Sequence[str]) -> list[Path]:
+    """Each model's own output of a gtv-predict run, in the order of ``specs``."""
+    folders = []
+    for spec in specs:
+        scale, fold = spec.split(":")
+        folders.append(fused / "model_predictions" / f"{OUR_TRAINER.format(scale=scale)}__fold_{fold}")
+    return folders
 
 
 def choose_fusion(dirs: dict, record: Record, ensemble: Path, labels: Path, cases: list[str]) -> str:
     """Each FUSION_RULES rule over the saved model outputs of fold 0's validation CTs; the best mean Dice wins."""
     scores = record.data.setdefault("fusion_rules", {})
-    for number, (rule, options) in enumerate(FUSION_RULES.items()):
+    specs = our_specs([FOLD])
+    for number, rule in enumerate(FUSION_RULES):
         if rule not in scores:
             output = dirs["work"] / "fusion_rules" / f"rule_{number}"
-            shutil.rmtree(output, ignore_errors=True)
-            run([nnunet_command("gtv-uncertainty"), "-i", *map(str, model_prediction_folders(ensemble)),
-                 "-o", str(output), "-np", "2", *options], output.parent / f"rule_{number}.log")
+            fuse_saved_outputs(model_prediction_folders(ensemble, specs), output, fusion_options(rule, specs))
             scores[rule] = {c: s["dice"] for c, s in dice_against_labels(output, labels, cases).items()}
             record.save()
         log(f"fusion rule on fold {FOLD} validation: {rule}: mean Dice {mean(scores[rule].values()):.3f}")
@@ -315,15 +385,27 @@ def choose_fusion(dirs: dict, record: Record, ensemble: Path, labels: Path, case
     return best
 
 
+def fuse_saved_outputs(folders: Sequence[Path], output: Path, options: Sequence[str]) -> None:
+    """gtv-uncertainty over models' saved outputs (a fresh ``output``)."""
+    shutil.rmtree(output, ignore_errors=True)
+    run([nnunet_command("gtv-uncertainty"), "-i", *map(str, folders), "-o", str(output), "-np", "2", *options],
+        output.parent / f"{output.name}.log")
+
+
 def stage_test(dirs: dict, record: Record) -> None:
-    """The 16 held-out test CTs: our ensemble with gtv-predict, each stock model with nnUNetv2_predict."""
+    """The 16 held-out test CTs: our six models fused by gtv-predict (and the three of fold 0 fused from their saved
+    outputs), each stock model with nnUNetv2_predict."""
     test = record.data.setdefault("test", {})
     images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
-    fused = fused_test_folder(dirs, record)
+    fused = fused_test_folders(dirs, record)
+    rule = record.data["fusion_rule"]
     load_before = load()
-    if predict_ensemble(dirs, images, fused, FUSION_RULES[record.data["fusion_rule"]]):
-        test["ours"] = {"load": [load_before, load()], "fused": fused.name}
-    for name, (trainer, plans, configuration) in models().items():
+    if predict_ensemble(dirs, images, fused["six"], our_specs(), fusion_options(rule, our_specs())):
+        test["ours"] = {"load": [load_before, load()], "fused": fused["six"].name}
+    if not (fused["fold 0"] / "summary.json").is_file():
+        fuse_saved_outputs(model_prediction_folders(fused["six"], our_specs([FOLD])), fused["fold 0"],
+                           fusion_options(rule, our_specs([FOLD])))
+    for name, (trainer, plans, configuration, fold) in models().items():
         if trainer.startswith("nnUNetTrainerGTV"):
             continue
         output = dirs["work"] / "test" / name.replace(" ", "_")
@@ -331,7 +413,7 @@ def stage_test(dirs: dict, record: Record) -> None:
             shutil.rmtree(output, ignore_errors=True)
             load_before = load()
             seconds = run([nnunet_command("nnUNetv2_predict"), "-i", str(images), "-o", str(output), "-d",
-                           str(DATASET_ID), "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(FOLD),
+                           str(DATASET_ID), "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(fold),
                            "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"],
                           dirs["logs"] / f"predict_{name.replace(' ', '_')}.log")
             cases = sorted(p.name[:-len(".nii.gz")] for p in output.glob("*.nii.gz"))
@@ -353,20 +435,24 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
 
     report = record.data.setdefault("report", {})
     raw = dirs["nnUNet_raw"] / DATASET
-    fused, out = fused_test_folder(dirs, record), dirs["work"] / "report"
+    ensembles, out = fused_test_folders(dirs, record), dirs["work"] / "report"
+    fused = ensembles["six"]
     evaluation = out / f"evaluation_{fused.name}"
     if not (evaluation / "evaluation.json").is_file():
         run([nnunet_command("gtv-evaluate"), "-p", str(fused), "-r", str(raw / "labelsTs"), "-o", str(evaluation),
              "--images", str(raw / "imagesTs")], dirs["logs"] / "gtv-evaluate.log")
-    # training minutes: nnUNetv2_train's wall time, end-of-training validation included; the ensemble: its three
+    # training minutes: nnUNetv2_train's wall time, end-of-training validation included; an ensemble: its models'
     own = {name: record.data["training"][name]["command_seconds"] / 60 for name in models()}
-    minutes = {"ours (fused)": sum(own[scale] for scale in SCALES), **{f"ours {s}": own[s] for s in SCALES},
-               **{name: value for name, value in own.items() if name not in SCALES}}
-    inputs = [f"ours (fused)={fused}"] + [f"ours {scale}={folder}"
-                                         for scale, folder in zip(SCALES, model_prediction_folders(fused))]
+    fold0 = our_specs([FOLD])
+    minutes = {"ours, 6 models fused": sum(own[spec] for spec in our_specs()),
+               f"ours, fold {FOLD} fused": sum(own[spec] for spec in fold0),
+               **{f"ours {spec}": own[spec] for spec in fold0},
+               **{name: value for name, value in own.items() if name.startswith("nnU-Net")}}
+    inputs = [f"ours, 6 models fused={fused}", f"ours, fold {FOLD} fused={ensembles['fold 0']}"]
+    inputs += [f"ours {spec}={folder}" for spec, folder in zip(fold0, model_prediction_folders(fused, fold0))]
     for name in models():
         folder = dirs["work"] / "test" / name.replace(" ", "_")
-        if name in SCALES:
+        if not name.startswith("nnU-Net"):
             continue
         if (folder / "timings.csv").is_file():
             inputs.append(f"{name}={folder}")
