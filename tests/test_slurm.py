@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -102,6 +103,19 @@ def test_tasks_skip_what_is_done_and_continue_an_interrupted_training(raw_datase
     (folder / "validation" / "summary.json").write_text("{}")
     assert task_command(jobs, task) is None
     assert "--continue" in task_command(jobs, jobs.tasks["predict"][1])
+
+
+def test_preprocessing_is_skipped_only_after_it_ran_with_the_same_command(raw_dataset, monkeypatch):
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    assert run(write_args(raw_dataset, "--plan-args", "-np 1"))[0] == 0
+    jobs = Jobs.load(raw_dataset["jobs"])
+    (task,) = jobs.tasks["preprocess"]
+    assert task.command[-2:] == ["-np", "1"] and task_command(jobs, task) == task.command
+    (raw_dataset["jobs"] / "status" / "preprocess_0.done").write_text(f"preprocess\ncommand: {shlex.join(task.command)}\n")
+    assert task_command(jobs, task) is None
+    assert run(write_args(raw_dataset, "--plan-args", "-np 4"))[0] == 0  # rewritten with other planning options
+    jobs = Jobs.load(raw_dataset["jobs"])
+    assert task_command(jobs, jobs.tasks["preprocess"][0])[-2:] == ["-np", "4"]
 
 
 def test_a_failed_task_is_named_with_its_exit_code_and_a_rerun_clears_it(raw_dataset, monkeypatch):

@@ -13,8 +13,8 @@ prediction of a folder sharded over an array, and a final check.
 ``submit_jobs`` submits the scripts in order with ``sbatch --parsable``, each after the one before it succeeded
 (``--dependency=afterok:<id>``) and cancelled if that can no longer happen (``--kill-on-invalid-dep=yes``): a
 failed array task stops the chain, and ``job_status`` names it. Submitting again after a fix continues:
-a step whose work is there is skipped (preprocessing once done, a model with its final checkpoint and
-validation), an interrupted training continues from its checkpoint (``nnUNetv2_train --c``), prediction skips the
+a step whose work is there is skipped (preprocessing done with the same command, a model with its final
+checkpoint and validation), an interrupted training continues from its checkpoint (``nnUNetv2_train --c``), prediction skips the
 cases finished before (``gtv-predict --continue``).
 """
 from __future__ import annotations
@@ -249,7 +249,8 @@ def _marker(jobs: Jobs, task: Task, suffix: str) -> Path:
 def task_command(jobs: Jobs, task: Task) -> list[str] | None:
     """The command a task runs now, given what earlier runs left (None: nothing left to do)."""
     command = list(task.command)
-    if task.step == "preprocess" and _marker(jobs, task, "done").is_file():
+    done = _marker(jobs, task, "done")
+    if task.step == "preprocess" and done.is_file() and f"command: {shlex.join(command)}" in done.read_text():
         return None
     if task.step == "train":
         folder = Path(task.model_folder)
@@ -283,7 +284,7 @@ def run_task(folder: str | os.PathLike, step: str, index: int, log: Callable[[st
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     where = str((jobs.folder / "logs" / f"{step}_{job}_{index}.log").resolve()) if job else "the task's output"
     if code == 0:
-        write_text(f"{task.name}\nfinished in {minutes:.1f} min\n", done)
+        write_text(f"{task.name}\nfinished in {minutes:.1f} min\ncommand: {shlex.join(command)}\n", done)
         log(f"gtv-slurm: {task.marker} ({task.name}) done in {minutes:.1f} min")
     else:
         write_text(f"{task.name}\nexit code {code} after {minutes:.1f} min\ncommand: {shlex.join(command)}\n"
