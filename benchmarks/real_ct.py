@@ -7,17 +7,20 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
 2. ``plan``: ``nnUNetv2_plan_and_preprocess`` with ``nnUNetPlannerGTV25D`` at 3 x 4 x 4 mm (plans
    ``nnUNetPlansGTV25D_3x4x4``), and stock nnU-Net's own plans (``nnUNetPlans``: 2d and 3d_fullres);
 3. ``study``: the recipe study on fold 0 of the 60 training CTs (48 train / 12 validation, nnU-Net's split):
-   Middle models trained in this process for ``--study-iterations`` iterations at batch 8, one per variant of
-   the loss, foreground share and lr schedule (``STUDY``), each scored on the 12 validation CTs;
-4. ``train``: through ``nnUNetv2_train``: ours (Local, Middle, Global fold 0, ``_cpuRealCT``) and stock nnU-Net
-   (``nnUNetTrainer_40min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
-5. ``curves``: each of our models' weight snapshots (every 2 epochs) scored on the 12 validation CTs of fold 0:
-   Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen on the same 12 CTs;
-6. ``test``: the 16 test CTs with ``gtv-predict`` (the three models fused, each model's own output kept) and with
-   ``nnUNetv2_predict`` for the stock models (no test-time mirroring, as ours), timed per case;
-7. ``report``: ``gtv-evaluate`` on the fused output (error rate per vote-entropy level, VVC against 1 - Dice,
-   review flags), ``gtv-compare`` of all six rows against the ensemble, the learning-curve plot and overlays
-   of the best, median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
+   Middle models trained in this process for ``--study-iterations`` iterations, one per ``STUDY`` variant (loss,
+   foreground share, lr schedule, mirroring, a 32-slice patch), each scored on the 12 validation CTs; then the
+   inference study (``INFERENCE_STUDY``: sliding-window step, slab tiles) on the base variant's model;
+4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on folds 0 and 1: the paper's
+   six) and stock nnU-Net (``nnUNetTrainer_40min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
+5. ``curves``: weight snapshots (every 2 epochs) of the fold-0 models of ``--curve-scales`` scored on the 12
+   validation CTs of fold 0: Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen with the three
+   fold-0 models on the same 12 CTs;
+6. ``test``: the 16 test CTs with ``gtv-predict`` (the six models fused with the chosen rule, each model's own
+   output kept; the three fold-0 models fused from those outputs) and with ``nnUNetv2_predict`` for the stock models
+   (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
+7. ``report``: ``gtv-evaluate`` on the six-model output (error rate per vote-entropy level, VVC against 1 - Dice,
+   review flags), ``gtv-compare`` of every row against it, the learning-curve plot and overlays of the best,
+   median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
 
     python benchmarks/real_ct.py --work DIR [--source ../shared/data/OpenKBP_anatomy] [--stages ...]
 
