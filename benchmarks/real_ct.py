@@ -60,8 +60,7 @@ STUDY = {
     "Dice + CE, 33 % foreground, constant lr": {**BASE, "lr_schedule": "step"},
     "Dice + CE, 33 % foreground, poly lr": dict(BASE),
     "Dice + CE, 33 % foreground, poly lr, left-right mirroring": {**BASE, "mirror_axes": (2,)},
-    "Dice + CE, 33 % foreground, poly lr, patch 32 x 64 x 64, batch 4": {**BASE, "patch_size_zyx": (32, 64, 64),
-                                                                          "batch_size": 4},
+    "Dice + CE, 33 % foreground, poly lr, patch 32 x 64 x 64": {**BASE, "patch_size_zyx": (32, 64, 64)},
 }
 STUDY_BASE = "Dice + CE, 33 % foreground, poly lr"  # the variant whose model the inference study scores
 # inference study: gtv-predict options scored on the STUDY_BASE model; INFERENCE, chosen there, scores everything else
@@ -213,7 +212,7 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
         results = dirs["work"] / "study" / f"variant_{number}_{iterations}"
         model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
         if not (model_folder / "checkpoint_final.pth").is_file():
-            log(f"study: {key}: training {iterations} iterations at batch 8 (log in {model_folder})")
+            log(f"study: {key}: training {iterations} iterations (log in {model_folder})")
             trainer = get_trainer_from_args(DATASET, "3d_fullres", FOLD, trainer_name, OUR_PLANS,
                                             device=torch.device("cpu"))
             trainer.output_folder_base = str(model_folder.parent)
