@@ -73,7 +73,7 @@ TRAINER_NAMES = (
 )
 PAPER_VARIANT_NAMES = tuple(f"nnUNetTrainerGTVLocal_{network}{suffix}" for network in (
     "UNet3D", "VNet3D", "UNet25D", "UNet25D_PE", "UNet25D_PE_AG", "UNet25D_PE_AM") for suffix in ("", "_smoke"))
-BUDGET_BASELINE_NAMES = ("nnUNetTrainer_40min",)
+BUDGET_BASELINE_NAMES = ("nnUNetTrainer_20min", "nnUNetTrainer_40min")
 ALL_TRAINER_NAMES = TRAINER_NAMES + PAPER_VARIANT_NAMES + BUDGET_BASELINE_NAMES
 PLANNER_NAMES = ("nnUNetPlannerGTV25D",)
 

@@ -69,6 +69,12 @@ class _WallClockBudget:
             self.inference_allowed_mirroring_axes = mirror_axes
 
 
+class nnUNetTrainer_20min(_WallClockBudget, nnUNetTrainer):
+    """20 minutes of training: the training loop of our real-CT recipe (500 iterations, 19-20 minutes on 2 cores)."""
+
+    budget_minutes = 20.0
+
+
 class nnUNetTrainer_40min(_WallClockBudget, nnUNetTrainer):
     """40 minutes of training: with nnU-Net's end-of-training validation the command stays within 45 minutes."""
 
