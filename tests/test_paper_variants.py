@@ -129,8 +129,14 @@ def test_vnet_checkpoint_loads_through_nnunets_predictor_and_gtv_predict(gtv_dat
     shutil.rmtree(folder)
 
 
+# the rows run end to end through the CLI: a plain 3D network and the paper's full 2.5D one. The other four share
+# every line of trainer and predictor code with these and differ only in the network, whose construction (and,
+# for the V-Net, checkpoint loading) the tests above check in-process; all six through the CLI cost ~10 minutes.
+CLI_VARIANTS = ("UNet3D", "UNet25D_PE_AM")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CLI_VARIANTS)
 def test_variant_trains_and_predicts_through_the_stock_commands(gtv_dataset, tmp_path, variant):
     """A row of Tables 1-2 end to end on the CPU (its ``_smoke`` twin): nnUNetv2_train, then nnUNetv2_predict and
     gtv-predict on the held-out case, with no flag beyond the trainer's name. Both commands rebuild the
