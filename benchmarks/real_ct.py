@@ -10,15 +10,15 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    Middle models trained in this process for ``--study-iterations`` iterations, one per ``STUDY`` variant (loss,
    foreground share, lr schedule, mirroring, a 32-slice patch), each scored on the 12 validation CTs; then the
    inference study (``INFERENCE_STUDY``: sliding-window step, slab tiles) on the base variant's model;
-4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on folds 0 and 1: the paper's
-   six) and stock nnU-Net (``nnUNetTrainer_40min``, 2d and 3d_fullres, fold 0); wall time of each command recorded;
+4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on ``--our-folds``, by default 0
+   and 1: the paper's six) and stock nnU-Net (``nnUNetTrainer_20min``: our loop's budget; 2d and 3d_fullres, fold 0); wall time of each command recorded;
 5. ``curves``: weight snapshots (every 2 epochs) of the fold-0 models of ``--curve-scales`` scored on the 12
    validation CTs of fold 0: Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen with the three
    fold-0 models on the same 12 CTs;
-6. ``test``: the 16 test CTs with ``gtv-predict`` (the six models fused with the chosen rule, each model's own
-   output kept; the three fold-0 models fused from those outputs) and with ``nnUNetv2_predict`` for the stock models
+6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
+   model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with ``nnUNetv2_predict`` for the stock models
    (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
-7. ``report``: ``gtv-evaluate`` on the six-model output (error rate per vote-entropy level, VVC against 1 - Dice,
+7. ``report``: ``gtv-evaluate`` on that ensemble's output (error rate per vote-entropy level, VVC against 1 - Dice,
    review flags), ``gtv-compare`` of every row against it, the learning-curve plot and overlays of the best,
    median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
 
@@ -46,9 +46,9 @@ DATASET_ID, DATASET = 920, "Dataset920_HeadNeckPTV70"
 OUR_PLANS, OUR_SPACING = "nnUNetPlansGTV25D_3x4x4", ("3", "4", "4")
 SCALES = ("Local", "Middle", "Global")
 OUR_TRAINER = "nnUNetTrainerGTV25D{scale}_cpuRealCT"
-STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_40min", ("2d", "3d_fullres")
+STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_20min", ("2d", "3d_fullres")
 FOLD = 0  # the split of the comparison: stock nnU-Net's fold, the learning curve, the choice of fusion rule
-OUR_FOLDS = (0, 1)  # the paper's six models: every scale on folds 0 and 1
+OUR_FOLDS = (0, 1)  # the paper's six models: every scale on folds 0 and 1 (--our-folds 0: the three of fold 0)
 STAGES = ("dataset", "plan", "study", "train", "curves", "test", "report")
 # recipe study: variant -> attributes of the _cpuRealCT trainer set on the instance (Adam from 1e-3, batch 8; what a
 # variant does not name stays as the recipe has it). The scores of a variant with mirror_axes use test-time mirroring.
@@ -145,7 +145,7 @@ def fusion_options(rule: str, specs: Sequence[str]) -> list[str]:
     return options
 
 
-def our_specs(folds: Sequence[int] = OUR_FOLDS) -> list[str]:
+def our_specs(folds: Sequence[int]) -> list[str]:
     """Our models as gtv-predict names them (SCALE:FOLD), in its default order."""
     return [f"{scale}:{fold}" for scale in SCALES for fold in folds]
 
@@ -271,10 +271,11 @@ def model_folder(dirs: dict, trainer: str, plans: str, configuration: str, fold:
     return dirs["nnUNet_results"] / DATASET / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
 
 
-def models() -> dict[str, tuple[str, str, str, int]]:
-    """Row name -> (trainer, plans, configuration, fold): ours (SCALE:FOLD) and stock nnU-Net (fold FOLD)."""
+def models(folds: Sequence[int] = (FOLD,)) -> dict[str, tuple[str, str, str, int]]:
+    """Row name -> (trainer, plans, configuration, fold): ours (SCALE:FOLD for ``folds``) and stock nnU-Net (fold
+    FOLD)."""
     ours = {spec: (OUR_TRAINER.format(scale=spec.split(":")[0]), OUR_PLANS, "3d_fullres", int(spec.split(":")[1]))
-            for spec in our_specs()}
+            for spec in our_specs(folds)}
     stock = {f"nnU-Net {c}": (STOCK_TRAINER, "nnUNetPlans", c, FOLD) for c in STOCK_CONFIGURATIONS}
     # the order of training: the models of the side-by-side comparison (fold FOLD) first
     return {name: row for name, row in (*ours.items(), *stock.items()) if row[3] == FOLD} | \
@@ -292,10 +293,10 @@ def training_log(folder: Path) -> dict:
             "pseudo_dice": [float(d) for d in logging["mean_fg_dice"]]}
 
 
-def stage_train(dirs: dict, record: Record) -> None:
+def stage_train(dirs: dict, record: Record, folds: Sequence[int]) -> None:
     """Each row's model through nnUNetv2_train (end-of-training validation included), one after the other."""
     training = record.data.setdefault("training", {})
-    for name, (trainer, plans, configuration, fold) in models().items():
+    for name, (trainer, plans, configuration, fold) in models(folds).items():
         folder = model_folder(dirs, trainer, plans, configuration, fold)
         if not (folder / "validation" / "summary.json").is_file():
             load_before = load()
@@ -352,12 +353,20 @@ def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str
     return True
 
 
-def fused_test_folders(dirs: dict, record: Record) -> dict[str, Path]:
-    """The test stage's ensembles: the six models (gtv-predict) and the three of fold 0 (gtv-uncertainty over their
-    saved outputs); one folder per fusion rule, so a rerun never mixes rules."""
+def ensemble_name(folds: Sequence[int]) -> str:
+    return f"ours, {len(our_specs(folds))} models fused" if len(folds) > 1 else f"ours, fold {FOLD} fused"
+
+
+def fused_test_folders(dirs: dict, record: Record, folds: Sequence[int]) -> dict[str, Path]:
+    """The test stage's ensembles, name -> folder: every model of ``folds`` (gtv-predict) and, when that is more than
+    fold FOLD, also the three of fold FOLD (gtv-uncertainty over their saved outputs); one folder per fusion rule and
+    set of folds, so a rerun never mixes them."""
     rule = list(FUSION_RULES).index(record.data["fusion_rule"])
-    return {"six": dirs["work"] / "test" / f"ours_fused_rule_{rule}",
-            "fold 0": dirs["work"] / "test" / f"ours_fused_fold{FOLD}_rule_{rule}"}
+    folders = {ensemble_name(folds): dirs["work"] / "test" /
+               f"ours_fused_folds{''.join(map(str, folds))}_rule_{rule}"}
+    if list(folds) != [FOLD]:
+        folders[ensemble_name([FOLD])] = dirs["work"] / "test" / f"ours_fused_folds{FOLD}_saved_rule_{rule}"
+    return folders
 
 
 def model_prediction_folders(fused: Path, specs: Sequence[str]) -> list[Path]:
@@ -394,23 +403,27 @@ def fuse_saved_outputs(folders: Sequence[Path], output: Path, options: Sequence[
         output.parent / f"{output.name}.log")
 
 
-def stage_test(dirs: dict, record: Record) -> None:
-    """The 16 held-out test CTs: our six models fused by gtv-predict (and the three of fold 0 fused from their saved
-    outputs), each stock model with nnUNetv2_predict."""
+def stage_test(dirs: dict, record: Record, folds: Sequence[int]) -> None:
+    """The 16 held-out test CTs: our models of ``folds`` fused by gtv-predict (with more than fold FOLD, also the
+    three of fold FOLD fused from their saved outputs), each trained stock model with nnUNetv2_predict."""
     test = record.data.setdefault("test", {})
     images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
-    fused = fused_test_folders(dirs, record)
-    rule = record.data["fusion_rule"]
+    (headline, fused), *fold_only = fused_test_folders(dirs, record, folds).items()
+    rule, specs = record.data["fusion_rule"], our_specs(folds)
     load_before = load()
-    if predict_ensemble(dirs, images, fused["six"], our_specs(), fusion_options(rule, our_specs())):
-        test["ours"] = {"load": [load_before, load()], "fused": fused["six"].name}
-    if not (fused["fold 0"] / "summary.json").is_file():
-        fuse_saved_outputs(model_prediction_folders(fused["six"], our_specs([FOLD])), fused["fold 0"],
-                           fusion_options(rule, our_specs([FOLD])))
-    for name, (trainer, plans, configuration, fold) in models().items():
+    if predict_ensemble(dirs, images, fused, specs, fusion_options(rule, specs)):
+        test[headline] = {"load": [load_before, load()], "fused": fused.name}
+    for _, folder in fold_only:
+        if not (folder / "summary.json").is_file():
+            fuse_saved_outputs(model_prediction_folders(fused, our_specs([FOLD])), folder,
+                               fusion_options(rule, our_specs([FOLD])))
+    for name, (trainer, plans, configuration, fold) in models(folds).items():
         if trainer.startswith("nnUNetTrainerGTV"):
             continue
         output = dirs["work"] / "test" / name.replace(" ", "_")
+        if not (model_folder(dirs, trainer, plans, configuration, fold) / "checkpoint_final.pth").is_file():
+            log(f"test: {name} left out, it is not trained yet (--stages train)")
+            continue
         if not (output / "timings.csv").is_file():
             shutil.rmtree(output, ignore_errors=True)
             load_before = load()
@@ -427,7 +440,7 @@ def stage_test(dirs: dict, record: Record) -> None:
         record.save()
 
 
-def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
+def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | None) -> None:
     """gtv-evaluate and gtv-compare on the 16 test CTs, the learning curve, the uncertainty claims; with ``docs``
     the figures are copied there (learning curve, overlays of the best, median and worst case)."""
     import numpy as np
@@ -437,22 +450,23 @@ def stage_report(dirs: dict, record: Record, docs: Path | None) -> None:
 
     report = record.data.setdefault("report", {})
     raw = dirs["nnUNet_raw"] / DATASET
-    ensembles, out = fused_test_folders(dirs, record), dirs["work"] / "report"
-    fused = ensembles["six"]
+    ensembles, out = fused_test_folders(dirs, record, folds), dirs["work"] / "report"
+    headline, fused = next(iter(ensembles.items()))
     evaluation = out / f"evaluation_{fused.name}"
     if not (evaluation / "evaluation.json").is_file():
         run([nnunet_command("gtv-evaluate"), "-p", str(fused), "-r", str(raw / "labelsTs"), "-o", str(evaluation),
              "--images", str(raw / "imagesTs")], dirs["logs"] / "gtv-evaluate.log")
     # training minutes: nnUNetv2_train's wall time, end-of-training validation included; an ensemble: its models'
-    own = {name: record.data["training"][name]["command_seconds"] / 60 for name in models()}
+    own = {name: record.data["training"][name]["command_seconds"] / 60
+           for name in models(folds) if name in record.data["training"]}
     fold0 = our_specs([FOLD])
-    minutes = {"ours, 6 models fused": sum(own[spec] for spec in our_specs()),
-               f"ours, fold {FOLD} fused": sum(own[spec] for spec in fold0),
-               **{f"ours {spec}": own[spec] for spec in fold0},
-               **{name: value for name, value in own.items() if name.startswith("nnU-Net")}}
-    inputs = [f"ours, 6 models fused={fused}", f"ours, fold {FOLD} fused={ensembles['fold 0']}"]
+    minutes = {name: sum(own[spec] for spec in our_specs(folds if name == headline else [FOLD]))
+               for name in ensembles}
+    minutes.update({f"ours {spec}": own[spec] for spec in fold0})
+    minutes.update({name: value for name, value in own.items() if name.startswith("nnU-Net")})
+    inputs = [f"{name}={folder}" for name, folder in ensembles.items()]
     inputs += [f"ours {spec}={folder}" for spec, folder in zip(fold0, model_prediction_folders(fused, fold0))]
-    for name in models():
+    for name in models(folds):
         folder = dirs["work"] / "test" / name.replace(" ", "_")
         if not name.startswith("nnU-Net"):
             continue
@@ -530,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="models whose snapshots the curves stage scores (about a minute per snapshot)")
     parser.add_argument("--curve-iterations", nargs="+", type=int, metavar="N",
                         help="score only the snapshots after these iterations (default: every snapshot)")
+    parser.add_argument("--our-folds", nargs="+", type=int, choices=range(5), default=list(OUR_FOLDS), metavar="F",
+                        help="folds of our models to train and fuse on the test CTs (default: %(default)s, the paper's "
+                             f"six models; {FOLD} alone: the three of fold {FOLD})")
     parser.add_argument("--docs", type=Path, help="copy the report's figures into this folder (e.g. docs/real_ct)")
     args = parser.parse_args(argv)
     if not args.source.is_dir():
@@ -553,13 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "study":
             stage_study(dirs, record, args.study_iterations, args.study_variants)
         elif stage == "train":
-            stage_train(dirs, record)
+            stage_train(dirs, record, args.our_folds)
         elif stage == "curves":
             stage_curves(dirs, record, args.curve_scales, args.curve_iterations)
         elif stage == "test":
-            stage_test(dirs, record)
+            stage_test(dirs, record, args.our_folds)
         elif stage == "report":
-            stage_report(dirs, record, args.docs)
+            stage_report(dirs, record, args.our_folds, args.docs)
         record.data.setdefault("stages", {})[stage] = {"seconds": time.perf_counter() - start, "load_end": load()}
         record.save()
     return 0
