@@ -149,20 +149,25 @@ def test_each_trainer_trains_validates_and_saves_through_the_stock_cli(trained_m
             assert "training on the" not in log
 
 
+def _middle_cpu_real_ct_trainer(gtv_dataset):
+    """A fresh nnUNetTrainerGTV25DMiddle_cpuRealCT on the session's synthetic dataset (not initialised)."""
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
+
+    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    return nnUNetTrainerGTV25DMiddle_cpuRealCT(plans, "3d_fullres", 0,
+                                               json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
+
+
 def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dataset, monkeypatch, tmp_path):
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
-
     for name, path in gtv_dataset["dirs"].items():
         monkeypatch.setenv(name, path)
-    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    trainer = nnUNetTrainerGTV25DMiddle_cpuRealCT(plans, "3d_fullres", 0,
-                                                  json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
+    trainer = _middle_cpu_real_ct_trainer(gtv_dataset)
     trainer.initialize()
     assert isinstance(trainer.loss, DC_and_CE_loss) and isinstance(trainer.lr_scheduler, PolyLRScheduler)
     assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.defaults["lr"] == 1e-3
@@ -186,15 +191,9 @@ def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dat
 def test_cpu_real_ct_study_knobs_reach_training_and_the_saved_plans(gtv_dataset, monkeypatch, tmp_path):
     """The recipe study's mirror_axes and patch_size_zyx: augmentation and test-time mirroring follow the axes, a
     patch of its own stays in-plane augmented and goes into the plans the model folder keeps for inference."""
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
-
     for name, path in {**gtv_dataset["dirs"], "nnUNet_results": str(tmp_path)}.items():
         monkeypatch.setenv(name, path)
-    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    trainer = nnUNetTrainerGTV25DMiddle_cpuRealCT(plans, "3d_fullres", 0,
-                                                  json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
+    trainer = _middle_cpu_real_ct_trainer(gtv_dataset)
     rotation, dummy_2d, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror is None and trainer.inference_allowed_mirroring_axes is None and dummy_2d and initial[0] == 16
     trainer.mirror_axes, trainer.patch_size_zyx = (2,), (32, 64, 64)
