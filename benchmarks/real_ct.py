@@ -11,13 +11,14 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    foreground share, lr schedule, mirroring, a 32-slice patch), each scored on the 12 validation CTs; then the
    inference study (``INFERENCE_STUDY``: sliding-window step, slab tiles) on the base variant's model;
 4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on ``--our-folds``, by default 0
-   and 1: the paper's six) and stock nnU-Net (``nnUNetTrainer_20min``: our loop's budget; 2d and 3d_fullres, fold 0); wall time of each command recorded;
+   and 1: the paper's six) and stock nnU-Net (``nnUNetTrainer_20min``, the budget of our training loop; 2d and
+   3d_fullres, fold 0); wall time of each command recorded;
 5. ``curves``: weight snapshots (every 2 epochs) of the fold-0 models of ``--curve-scales`` scored on the 12
    validation CTs of fold 0: Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen with the three
    fold-0 models on the same 12 CTs;
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
-   model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with ``nnUNetv2_predict`` for the stock models
-   (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
+   model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with
+   ``nnUNetv2_predict`` for the stock models (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
 7. ``report``: ``gtv-evaluate`` on that ensemble's output (error rate per vote-entropy level, VVC against 1 - Dice,
    review flags), ``gtv-compare`` of every row against it, the learning-curve plot and overlays of the best,
    median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
