@@ -216,7 +216,8 @@ def slurm_cluster(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("needs root to install and start Debian's slurm-wlm")
     _install_slurm()
-    if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+    started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
+    if started_munge:
         Path("/run/munge").mkdir(exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
@@ -252,6 +253,8 @@ def slurm_cluster(tmp_path_factory):
             pid_file = root / f"{daemon}.pid"
             if pid_file.is_file():
                 subprocess.run(["kill", pid_file.read_text().strip()])
+        if started_munge:  # leave the machine as the test found it
+            subprocess.run(["pkill", "-x", "munged"])
 
 
 def _wait_for_queue(env: dict, timeout: float = 1500) -> None:
