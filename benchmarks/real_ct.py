@@ -275,8 +275,8 @@ def model_folder(dirs: dict, trainer: str, plans: str, configuration: str, fold:
 def models(folds: Sequence[int] = (FOLD,)) -> dict[str, tuple[str, str, str, int]]:
     """Row name -> (trainer, plans, configuration, fold): ours (SCALE:FOLD for ``folds``) and stock nnU-Net (fold
     FOLD)."""
-    ours = {spec: (OUR_TRAINER.format(scale=spec.split(":")[0]), OUR_PLANS, "3d_fullres", int(spec.split(":")[1]))
-            for spec in our_specs(folds)}
+    ours = {f"{scale}:{fold}": (OUR_TRAINER.format(scale=scale), OUR_PLANS, "3d_fullres", fold)
+            for scale in SCALES for fold in folds}  # the order of our_specs
     stock = {f"nnU-Net {c}": (STOCK_TRAINER, "nnUNetPlans", c, FOLD) for c in STOCK_CONFIGURATIONS}
     # the order of training: the models of the side-by-side comparison (fold FOLD) first
     return {name: row for name, row in (*ours.items(), *stock.items()) if row[3] == FOLD} | \
@@ -301,8 +301,9 @@ def stage_train(dirs: dict, record: Record, folds: Sequence[int]) -> None:
         folder = model_folder(dirs, trainer, plans, configuration, fold)
         if not (folder / "validation" / "summary.json").is_file():
             load_before = load()
+            log_name = f"train_{name.replace(' ', '_').replace(':', '_')}.log"
             seconds = run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), configuration, str(fold), "-tr", trainer,
-                           "-p", plans, "-device", "cpu"], dirs["logs"] / f"train_{name.replace(' ', '_').replace(':', '_')}.log")
+                           "-p", plans, "-device", "cpu"], dirs["logs"] / log_name)
             training[name] = {"command_seconds": seconds, "load": [load_before, load()]}
         summary = json.loads((folder / "validation" / "summary.json").read_text())
         training.setdefault(name, {}).update(training_log(folder),
