@@ -15,7 +15,8 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    3d_fullres, fold 0); wall time of each command recorded;
 5. ``curves``: weight snapshots (every 2 epochs) of the fold-0 models of ``--curve-scales`` scored on the 12
    validation CTs of fold 0: Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen with the three
-   fold-0 models on the same 12 CTs;
+   fold-0 models on the same 12 CTs; the three models of each other fold of ``--our-folds`` fused with that rule on
+   their own fold's 12 validation CTs (a second estimate, nothing chosen on it);
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
    model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with
    ``nnUNetv2_predict`` for the stock models (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
@@ -34,6 +35,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -151,19 +153,19 @@ def our_specs(folds: Sequence[int]) -> list[str]:
     return [f"{scale}:{fold}" for scale in SCALES for fold in folds]
 
 
-def validation_cases(dirs: dict) -> list[str]:
+def validation_cases(dirs: dict, fold: int = FOLD) -> list[str]:
     splits = json.loads((dirs["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())
-    return sorted(splits[FOLD]["val"])
+    return sorted(splits[fold]["val"])
 
 
-def validation_images(dirs: dict) -> Path:
-    """A folder of links to fold 0's validation CTs (inputs for gtv-predict); labels stay in labelsTr."""
-    folder = dirs["work"] / "fold0_validation_images"
+def validation_images(dirs: dict, fold: int = FOLD) -> Path:
+    """A folder of links to a fold's validation CTs (inputs for gtv-predict); labels stay in labelsTr."""
+    folder = dirs["work"] / f"fold{fold}_validation_images"
     if not folder.is_dir():
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for case in validation_cases(dirs):
+        for case in validation_cases(dirs, fold):
             (staging / f"{case}_0000.nii.gz").symlink_to(dirs["nnUNet_raw"] / DATASET / "imagesTr" /
                                                           f"{case}_0000.nii.gz")
         staging.rename(folder)
@@ -321,9 +323,12 @@ def snapshot_iterations(folder: Path) -> dict[int, str]:
     return dict(sorted(snapshots.items()))
 
 
-def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] | None) -> None:
+def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] | None,
+                 folds: Sequence[int]) -> None:
     """Dice on fold 0's 12 validation CTs of every weight snapshot of our fold-0 models of ``scales`` (each alone,
-    in its region); then the fusion rule, chosen with the three final fold-0 models."""
+    in its region); then the fusion rule, chosen with the three final fold-0 models; then, for every other fold of
+    ``folds``, its three models fused with that rule on its own validation CTs (a second estimate, chosen on
+    nothing)."""
     curves = record.data.setdefault("curves", {})
     images, labels, cases = validation_images(dirs), dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)
     for scale in scales:
@@ -337,10 +342,30 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
             curves.setdefault(scale, {})[str(iterations)] = {
                 c: s["dice"] for c, s in dice_against_labels(output, labels, cases).items()}
             record.save()
-            log(f"curve {scale} at {iterations} iterations: mean Dice {mean(curves[scale][str(iterations)].values()):.3f}")
+            log(f"curve {scale} at {iterations} iterations: "
+                f"mean Dice {mean(curves[scale][str(iterations)].values()):.3f}")
     ensemble = dirs["work"] / "curves" / "ensemble_final"
     predict_ensemble(dirs, images, ensemble, our_specs([FOLD]))
-    choose_fusion(dirs, record, ensemble, labels, cases)
+    rule = choose_fusion(dirs, record, ensemble, labels, cases)
+    for fold in (fold for fold in folds if fold != FOLD):
+        check_other_fold(dirs, record, rule, fold)
+
+
+def check_other_fold(dirs: dict, record: Record, rule: str, fold: int) -> None:
+    """The three models of ``fold`` fused with ``rule`` on that fold's 12 validation CTs, and each alone."""
+    checks = record.data.setdefault("other_fold_validation", {})
+    labels, cases, specs = dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs, fold), our_specs([fold])
+    output = dirs["work"] / "curves" / f"ensemble_final_fold{fold}"
+    if predict_ensemble(dirs, validation_images(dirs, fold), output, specs, fusion_options(rule, specs)) or \
+            str(fold) not in checks:
+        checks[str(fold)] = {"rule": rule, "fused": dice_against_labels(output, labels, cases)} | {
+            spec: dice_against_labels(folder, labels, cases)
+            for spec, folder in zip(specs, model_prediction_folders(output, specs))}
+        record.save()
+    for name, scores in checks[str(fold)].items():
+        if name != "rule":
+            log(f"fold {fold} validation, {name}: mean Dice {mean(s['dice'] for s in scores.values()):.3f}, "
+                f"median RVE {statistics.median(s['rve_percent'] for s in scores.values()):.1f} %")
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
@@ -574,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "train":
             stage_train(dirs, record, args.our_folds)
         elif stage == "curves":
-            stage_curves(dirs, record, args.curve_scales, args.curve_iterations)
+            stage_curves(dirs, record, args.curve_scales, args.curve_iterations, args.our_folds)
         elif stage == "test":
             stage_test(dirs, record, args.our_folds)
         elif stage == "report":
