@@ -354,20 +354,21 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
 
 
 def check_other_fold(dirs: dict, record: Record, rule: str, fold: int) -> None:
-    """The three models of ``fold`` fused with ``rule`` on that fold's 12 validation CTs, and each alone."""
+    """The three models of ``fold`` fused with ``rule`` on that fold's 12 validation CTs, and each alone (one folder
+    per rule, so a changed choice never reuses an older output)."""
     checks = record.data.setdefault("other_fold_validation", {})
     labels, cases, specs = dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs, fold), our_specs([fold])
-    output = dirs["work"] / "curves" / f"ensemble_final_fold{fold}"
+    output = dirs["work"] / "curves" / f"ensemble_final_fold{fold}_rule_{list(FUSION_RULES).index(rule)}"
     if predict_ensemble(dirs, validation_images(dirs, fold), output, specs, fusion_options(rule, specs)) or \
-            str(fold) not in checks:
-        checks[str(fold)] = {"rule": rule, "fused": dice_against_labels(output, labels, cases)} | {
+            checks.get(str(fold), {}).get("rule") != rule:
+        scores = {"fused": dice_against_labels(output, labels, cases)} | {
             spec: dice_against_labels(folder, labels, cases)
             for spec, folder in zip(specs, model_prediction_folders(output, specs))}
+        checks[str(fold)] = {"rule": rule, "scores": scores}
         record.save()
-    for name, scores in checks[str(fold)].items():
-        if name != "rule":
-            log(f"fold {fold} validation, {name}: mean Dice {mean(s['dice'] for s in scores.values()):.3f}, "
-                f"median RVE {statistics.median(s['rve_percent'] for s in scores.values()):.1f} %")
+    for name, scores in checks[str(fold)]["scores"].items():
+        log(f"fold {fold} validation, {name}: mean Dice {mean(s['dice'] for s in scores.values()):.3f}, "
+            f"median RVE {statistics.median(s['rve_percent'] for s in scores.values()):.1f} %")
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
