@@ -17,7 +17,9 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
 5. ``curves``: weight snapshots (every 2 epochs) of the fold-0 models of ``--curve-scales`` scored on the 12
    validation CTs of fold 0: Dice against iterations; then the fusion rule (``FUSION_RULES``) chosen with the three
    fold-0 models on the same 12 CTs; the three models of each other fold of ``--our-folds`` fused with that rule on
-   their own fold's 12 validation CTs (a second estimate, nothing chosen on it);
+   their own fold's 12 validation CTs (a second estimate, nothing chosen on it), and every fold's fused models
+   pooled over their own validation CTs (the out-of-fold estimate; with the predicted volumes against the
+   reference's and VVC against 1 - Dice);
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
    model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with
    ``nnUNetv2_predict`` for the stock models (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
@@ -175,18 +177,44 @@ def validation_images(dirs: dict, fold: int = FOLD) -> Path:
 
 
 def dice_against_labels(prediction_folder: Path, label_folder: Path, cases: list[str]) -> dict[str, dict]:
-    """Dice and RVE (%) per case from the files (no surface distances: the study needs only these)."""
+    """Dice, RVE (%) and both volumes (ml) per case from the files (no surface distances: the study needs only
+    these)."""
     import numpy as np
     import SimpleITK as sitk
 
     scores = {}
     for case in cases:
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}.nii.gz"))) == 1
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(label_folder / f"{case}.nii.gz"))) == 1
+        label = sitk.ReadImage(str(label_folder / f"{case}.nii.gz"))
+        reference = sitk.GetArrayFromImage(label) == 1
+        voxel_ml = float(np.prod(label.GetSpacing())) / 1000.0
         overlap, total = int(np.count_nonzero(predicted & reference)), int(predicted.sum() + reference.sum())
         scores[case] = {"dice": 2.0 * overlap / total if total else 1.0,
-                        "rve_percent": 100.0 * abs(int(predicted.sum()) - int(reference.sum())) / int(reference.sum())}
+                        "rve_percent": 100.0 * abs(int(predicted.sum()) - int(reference.sum())) / int(reference.sum()),
+                        "predicted_ml": int(predicted.sum()) * voxel_ml, "reference_ml": int(reference.sum()) * voxel_ml}
     return scores
+
+
+def volume_agreement(scores: dict[str, dict]) -> dict:
+    """Whether the predicted volumes follow the patients' targets across cases (a model that has learnt only where
+    a target usually lies gives every patient about the same volume): quartiles of both volumes and Spearman's rho
+    between them."""
+    import numpy as np
+    from scipy import stats
+
+    predicted = [score["predicted_ml"] for score in scores.values()]
+    reference = [score["reference_ml"] for score in scores.values()]
+    rho, p = stats.spearmanr(predicted, reference)
+    return {"predicted_ml_quartiles": np.percentile(predicted, [25, 50, 75]).tolist(),
+            "reference_ml_quartiles": np.percentile(reference, [25, 50, 75]).tolist(),
+            "spearman_rho": float(rho), "p": float(p)}
+
+
+def describe_volumes(agreement: dict) -> str:
+    low, middle, high = agreement["predicted_ml_quartiles"]
+    return (f"predicted volume median {middle:.0f} ml (quartiles {low:.0f}-{high:.0f}), reference median "
+            f"{agreement['reference_ml_quartiles'][1]:.0f} ml, Spearman rho {agreement['spearman_rho']:.2f} "
+            f"(p {agreement['p']:.2g})")
 
 
 def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, images: Path, output: Path,
@@ -212,7 +240,7 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
     labels = dirs["nnUNet_raw"] / DATASET / "labelsTr"
     for number, (variant, overrides) in enumerate(STUDY.items()):
         key = f"{variant}, {iterations} iterations"
-        if (variants is not None and number not in variants) or "dice" in study.get(key, {}):
+        if (variants is not None and number not in variants) or "volumes" in study.get(key, {}):
             continue
         results = dirs["work"] / "study" / f"variant_{number}_{iterations}"
         model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
@@ -242,8 +270,10 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
         scores = dice_against_labels(output, labels, validation_cases(dirs))
         study.setdefault(key, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
         study[key]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
+        study[key]["volumes"] = volume_agreement(scores)
         record.save()
-        log(f"study: {key}: mean Dice on the 12 validation CTs {mean(study[key]['dice'].values()):.3f}")
+        log(f"study: {key}: mean Dice on the 12 validation CTs {mean(study[key]['dice'].values()):.3f}; "
+            f"{describe_volumes(study[key]['volumes'])}")
     inference_study(dirs, record, iterations)
 
 
@@ -330,27 +360,32 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
     """Dice on fold 0's 12 validation CTs of every weight snapshot of our fold-0 models of ``scales`` (each alone,
     in its region); then the fusion rule, chosen with the three final fold-0 models; then, for every other fold of
     ``folds``, its three models fused with that rule on its own validation CTs (a second estimate, chosen on
-    nothing)."""
-    curves = record.data.setdefault("curves", {})
+    nothing), and all folds' fused validation CTs pooled. Every score comes with how far the predicted volumes
+    follow the reference's."""
+    curves, volumes = record.data.setdefault("curves", {}), record.data.setdefault("curve_volumes", {})
     images, labels, cases = validation_images(dirs), dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs)
     for scale in scales:
         trainer, plans, configuration, fold = models()[f"{scale}:{FOLD}"]
         for iterations, checkpoint in snapshot_iterations(model_folder(dirs, trainer, plans, configuration,
                                                                        fold)).items():
-            if str(iterations) in curves.get(scale, {}) or (only and iterations not in only):
+            key = str(iterations)
+            if (key in curves.get(scale, {}) and key in volumes.get(scale, {})) or (only and iterations not in only):
                 continue
             output = dirs["work"] / "curves" / f"{scale}_{iterations}"
             predict_one_model(dirs, dirs["nnUNet_results"], trainer, checkpoint, images, output)
-            curves.setdefault(scale, {})[str(iterations)] = {
-                c: s["dice"] for c, s in dice_against_labels(output, labels, cases).items()}
+            scores = dice_against_labels(output, labels, cases)
+            curves.setdefault(scale, {})[key] = {c: s["dice"] for c, s in scores.items()}
+            volumes.setdefault(scale, {})[key] = volume_agreement(scores)
             record.save()
-            log(f"curve {scale} at {iterations} iterations: "
-                f"mean Dice {mean(curves[scale][str(iterations)].values()):.3f}")
+            log(f"curve {scale} at {iterations} iterations: mean Dice {mean(curves[scale][key].values()):.3f}; "
+                f"{describe_volumes(volumes[scale][key])}")
     ensemble = dirs["work"] / "curves" / "ensemble_final"
     predict_ensemble(dirs, images, ensemble, our_specs([FOLD]))
     rule = choose_fusion(dirs, record, ensemble, labels, cases)
     for fold in (fold for fold in folds if fold != FOLD):
         check_other_fold(dirs, record, rule, fold)
+    if len(folds) > 1:
+        pool_validation(dirs, record, rule, folds)
 
 
 def check_other_fold(dirs: dict, record: Record, rule: str, fold: int) -> None:
@@ -358,17 +393,52 @@ def check_other_fold(dirs: dict, record: Record, rule: str, fold: int) -> None:
     per rule, so a changed choice never reuses an older output)."""
     checks = record.data.setdefault("other_fold_validation", {})
     labels, cases, specs = dirs["nnUNet_raw"] / DATASET / "labelsTr", validation_cases(dirs, fold), our_specs([fold])
-    output = dirs["work"] / "curves" / f"ensemble_final_fold{fold}_rule_{list(FUSION_RULES).index(rule)}"
-    if predict_ensemble(dirs, validation_images(dirs, fold), output, specs, fusion_options(rule, specs)) or \
-            checks.get(str(fold), {}).get("rule") != rule:
-        scores = {"fused": dice_against_labels(output, labels, cases)} | {
-            spec: dice_against_labels(folder, labels, cases)
-            for spec, folder in zip(specs, model_prediction_folders(output, specs))}
-        checks[str(fold)] = {"rule": rule, "scores": scores}
-        record.save()
-    for name, scores in checks[str(fold)]["scores"].items():
-        log(f"fold {fold} validation, {name}: mean Dice {mean(s['dice'] for s in scores.values()):.3f}, "
-            f"median RVE {statistics.median(s['rve_percent'] for s in scores.values()):.1f} %")
+    output = fused_validation_folder(dirs, rule, fold)
+    predict_ensemble(dirs, validation_images(dirs, fold), output, specs, fusion_options(rule, specs))
+    scores = {"fused": dice_against_labels(output, labels, cases)} | {
+        spec: dice_against_labels(folder, labels, cases)
+        for spec, folder in zip(specs, model_prediction_folders(output, specs))}
+    checks[str(fold)] = {"rule": rule, "scores": scores}
+    record.save()
+    for name, per_case in scores.items():
+        log(f"fold {fold} validation, {name}: mean Dice {mean(s['dice'] for s in per_case.values()):.3f}, "
+            f"median RVE {statistics.median(s['rve_percent'] for s in per_case.values()):.1f} %; "
+            f"{describe_volumes(volume_agreement(per_case))}")
+
+
+def fused_validation_folder(dirs: dict, rule: str, fold: int) -> Path:
+    """Where a fold's three models, fused with ``rule``, segmented that fold's validation CTs: for fold FOLD the
+    output of the fusion-rule choice, for another fold that of its check."""
+    number = list(FUSION_RULES).index(rule)
+    if fold == FOLD:
+        return dirs["work"] / "fusion_rules" / f"rule_{number}"
+    return dirs["work"] / "curves" / f"ensemble_final_fold{fold}_rule_{number}"
+
+
+def pool_validation(dirs: dict, record: Record, rule: str, folds: Sequence[int]) -> None:
+    """Every fold's fused models on that fold's own validation CTs, pooled (the out-of-fold estimate of the test
+    result): mean Dice, median RVE, whether the masks' volumes follow the patients' targets, and whether VVC ranks
+    the failures (Spearman's rho of VVC against 1 - Dice; a review threshold for real CT would be chosen here)."""
+    from scipy import stats
+
+    labels, scores, vvc = dirs["nnUNet_raw"] / DATASET / "labelsTr", {}, {}
+    for fold in folds:
+        folder = fused_validation_folder(dirs, rule, fold)
+        scores |= dice_against_labels(folder, labels, validation_cases(dirs, fold))
+        with open(folder / "summary.csv", newline="") as handle:
+            vvc |= {row["case"]: float(row["vvc"]) for row in csv.DictReader(handle)}
+    cases = sorted(scores)
+    rho, p = stats.spearmanr([vvc[case] for case in cases], [1.0 - scores[case]["dice"] for case in cases])
+    pooled = {"folds": list(folds), "rule": rule, "cases": len(cases),
+              "mean_dice": mean(scores[case]["dice"] for case in cases),
+              "median_rve_percent": statistics.median(scores[case]["rve_percent"] for case in cases),
+              "volumes": volume_agreement(scores), "vvc_vs_1_minus_dice": {"spearman_rho": float(rho), "p": float(p)},
+              "scores": scores, "vvc": vvc}
+    record.data["pooled_validation"] = pooled
+    record.save()
+    log(f"folds {list(folds)}, each on its own validation CTs ({len(cases)}), fused: mean Dice "
+        f"{pooled['mean_dice']:.3f}, median RVE {pooled['median_rve_percent']:.1f} %; "
+        f"{describe_volumes(pooled['volumes'])}; VVC against 1 - Dice: Spearman rho {rho:.2f} (p {p:.2g})")
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
@@ -514,6 +584,7 @@ def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | 
     fused_rows = {row["case"]: row for row in doc["metrics"] if row["source"] == "fused"}
     dice = {case: row["dice"] for case, row in fused_rows.items()}
     rve = [row["rve_percent"] for row in fused_rows.values()]
+    volumes = volume_agreement(dice_against_labels(fused, raw / "labelsTs", sorted(dice)))
     with open(fused / "summary.csv", newline="") as handle:
         summary = list(csv.DictReader(handle))
     review = {row["case"]: row["review"].lower() == "true" for row in summary}
@@ -524,7 +595,7 @@ def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | 
     flagged = {case for case, flag in review.items() if flag}
     highest_vvc = set(sorted(vvc, key=vvc.get)[-quarter:])  # a flag at whatever threshold flags a quarter
     report.update(
-        fused_mean_dice=mean(dice.values()), fused_median_rve_percent=float(np.median(rve)),
+        fused_mean_dice=mean(dice.values()), fused_median_rve_percent=float(np.median(rve)), volumes=volumes,
         error_rate=doc["error_rate"], vvc_vs_1_minus_dice=doc["vvc_vs_1_minus_dice"],
         review={"flagged": sorted(flagged), "worst_quarter": sorted(worst_quarter),
                 "flagged_in_worst_quarter": len(flagged & worst_quarter),
@@ -552,7 +623,7 @@ def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | 
         log(f"figures copied to {docs}")
     print((comparison / "comparison.md").read_text())
     log(f"fused on the 16 test CTs: mean Dice {report['fused_mean_dice']:.3f}, median RVE "
-        f"{report['fused_median_rve_percent']:.1f} %; review flags {sorted(flagged)}, worst quarter "
+        f"{report['fused_median_rve_percent']:.1f} %; {describe_volumes(volumes)}; review flags {sorted(flagged)}, worst quarter "
         f"{sorted(worst_quarter)}, highest VVC {sorted(highest_vvc)}; full numbers in {record.path}")
 
 
