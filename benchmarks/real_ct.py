@@ -8,9 +8,9 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    ``nnUNetPlansGTV25D_3x4x4``), and stock nnU-Net's own plans (``nnUNetPlans``: 2d and 3d_fullres);
 3. ``study``: the recipe study on fold 0 of the 60 training CTs (48 train / 12 validation, nnU-Net's split):
    Middle models trained in this process for ``--study-iterations`` iterations, one per ``STUDY`` variant (loss,
-   foreground share, lr schedule, mirroring, a 32-slice patch, no forced foreground), each scored on the 12
-   validation CTs; then the inference study (``INFERENCE_STUDY``: sliding-window step, slab tiles) on the base
-   variant's model;
+   foreground share, lr schedule, mirroring, a 32-slice patch, no forced foreground, a bfloat16 training step),
+   each scored on the 12 validation CTs; then the inference study (``INFERENCE_STUDY``: sliding-window step, slab
+   tiles) on the base variant's model;
 4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on ``--our-folds``, by default 0
    and 1: the paper's six) and stock nnU-Net (``nnUNetTrainer_20min``, the budget of our training loop; 2d and
    3d_fullres, fold 0); wall time of each command recorded;
@@ -68,6 +68,7 @@ STUDY = {
     "Dice + CE, 33 % foreground, poly lr, left-right mirroring": {**BASE, "mirror_axes": (2,)},
     "Dice + CE, 33 % foreground, poly lr, patch 32 x 64 x 64": {**BASE, "patch_size_zyx": (32, 64, 64)},
     "Dice + CE, no forced foreground, poly lr": {**BASE, "oversample_foreground_percent": 0.0},
+    "Dice + CE, 33 % foreground, poly lr, bfloat16 training step": {**BASE, "training_precision": "bfloat16"},
 }
 STUDY_BASE = "Dice + CE, 33 % foreground, poly lr"  # the variant whose model the inference study scores
 # inference study: gtv-predict options scored on the STUDY_BASE model; INFERENCE, chosen there, scores everything else

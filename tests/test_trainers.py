@@ -212,6 +212,31 @@ def test_cpu_real_ct_study_knobs_reach_training_and_the_saved_plans(gtv_dataset,
         trainer.on_train_end()
 
 
+def test_cpu_real_ct_bfloat16_knob_autocasts_the_training_step_only(gtv_dataset, monkeypatch):
+    """training_precision "bfloat16" (the recipe study's row): the network runs under CPU bfloat16 autocast inside
+    the training step, float32 by default, and the autocast ends with the step."""
+    for name, path in gtv_dataset["dirs"].items():
+        monkeypatch.setenv(name, path)
+    trainer = _middle_cpu_real_ct_trainer(gtv_dataset)
+    trainer.initialize()
+    forward, seen = trainer.network.forward, []
+
+    def recording_forward(x):
+        output = forward(x)
+        seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+        return output
+
+    monkeypatch.setattr(trainer.network, "forward", recording_forward)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"data": torch.randn(2, 1, 16, 64, 64, generator=generator),
+             "target": torch.randint(0, 2, (2, 1, 16, 64, 64), generator=generator).float()}
+    for precision in ("float32", "bfloat16"):
+        trainer.training_precision = precision
+        assert np.isfinite(trainer.train_step(batch)["loss"])
+    assert seen == [(False, torch.float32), (True, torch.bfloat16)]
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_wall_clock_budget_stretches_the_schedule_and_stops_in_time(monkeypatch):
     from types import SimpleNamespace
 

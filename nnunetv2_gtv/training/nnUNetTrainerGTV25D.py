@@ -184,6 +184,7 @@ class _CpuRealCTRecipe(_CpuRecipe):
     mirror_axes: tuple[int, ...] | None = None  # spatial axes (z, y, x) mirrored in training and at inference
     patch_size_zyx: tuple[int, int, int] | None = None  # None: the plans' patch
     snapshot_every_epochs = 2
+    training_precision = "float32"  # or "bfloat16": the training step under CPU autocast (the recipe study's row)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -220,6 +221,13 @@ class _CpuRealCTRecipe(_CpuRecipe):
                                    f"{[int(v) for v in initial_patch_size]}")
         self.inference_allowed_mirroring_axes = self.mirror_axes
         return rotation, dummy_2d, initial_patch_size, self.mirror_axes
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step; with ``training_precision`` "bfloat16" on the CPU, forward and loss run under bfloat16
+        autocast (nnU-Net autocasts to float16 on a GPU and not at all on the CPU)."""
+        bfloat16 = self.training_precision == "bfloat16" and self.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            return super().train_step(batch)
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
