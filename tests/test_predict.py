@@ -327,8 +327,10 @@ def test_batched_tiles_give_nnunets_sliding_window_result(results, mirroring):
     ours = batched.predict_sliding_window_return_logits(data).float()
     theirs = reference.predict_sliding_window_return_logits(data).float()
     assert ours.shape == theirs.shape == (2, 20, 70, 75)
-    # both sum Gaussian-weighted logits (weights up to 10) in float16: one unit in the last place there is 0.016
-    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=0.02)
+    # both sum Gaussian-weighted logits (weights up to 10) in float16, where one unit in the last place is 0.016; up
+    # to 8 tiles overlap a voxel here and the two add them in a different order, each addition rounding by up to
+    # half a unit, so a rare voxel differs by more than one unit (0.021 seen once); the mean below stays strict
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=0.065)
     assert float(torch.mean(torch.abs(ours - theirs))) < 1e-4
     assert torch.mean((ours.argmax(0) != theirs.argmax(0)).float()) < 1e-4
 
