@@ -585,7 +585,8 @@ def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | 
     fused_rows = {row["case"]: row for row in doc["metrics"] if row["source"] == "fused"}
     dice = {case: row["dice"] for case, row in fused_rows.items()}
     rve = [row["rve_percent"] for row in fused_rows.values()]
-    volumes = volume_agreement(dice_against_labels(fused, raw / "labelsTs", sorted(dice)))
+    volumes = volume_agreement({case: {"predicted_ml": row["volume_pred_ml"], "reference_ml": row["volume_ref_ml"]}
+                                for case, row in fused_rows.items()})
     with open(fused / "summary.csv", newline="") as handle:
         summary = list(csv.DictReader(handle))
     review = {row["case"]: row["review"].lower() == "true" for row in summary}
