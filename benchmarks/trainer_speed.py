@@ -4,9 +4,9 @@ Writes a synthetic dataset to a temporary folder, plans and preprocesses it with
 each trainer and batch size builds the trainer as nnUNetv2_train does and times data loading (nnU-Net's loader
 and augmentation, single process: nnUNet_n_proc_DA=0) and the training step (forward, loss, backward, Adam)
 separately. Prints one table; Global is the baseline of one ratio column. With ``--precisions float32 bfloat16``
-every step is also timed under CPU bfloat16 autocast (nnU-Net trains in float32 on the CPU; gtv-predict's
-``-precision`` does the same at inference), and a second ratio column compares it with float32 of the same
-trainer and batch, measured in the same run. A recipe with a batch of its own (``_cpu``, ``_cpuRealCT``) keeps it.
+every step is also timed with the trainer's ``training_precision = "bfloat16"``, under CPU bfloat16 autocast
+(nnU-Net trains in float32 on the CPU; gtv-predict's ``-precision`` does the same at inference), and a second
+ratio column compares it with float32 of the same trainer and batch, measured in the same run. A recipe with a batch of its own (``_cpu``, ``_cpuRealCT``) keeps it.
 
     python benchmarks/trainer_speed.py [--iterations 5] [--size 128] [--slices 44] [--trainers ...]
         [--precisions float32 bfloat16]
@@ -51,6 +51,7 @@ def time_trainer(name: str, batch_size: int, plans: dict, dataset_json: dict, it
     plans["configurations"]["3d_fullres"]["batch_size"] = batch_size
     plans["continue_training"] = False
     trainer = recursive_find_trainer_class_by_name(name)(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.training_precision = precision  # the trainers' own switch (nnUNetTrainerGTV25D.train_step)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     next(trainer.dataloader_train)  # warm-up: first batch and first step are slower
@@ -59,8 +60,7 @@ def time_trainer(name: str, batch_size: int, plans: dict, dataset_json: dict, it
         start = time.perf_counter()
         batch = next(trainer.dataloader_train)
         loaded = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            trainer.train_step(batch)
+        trainer.train_step(batch)
         data_times.append(loaded - start)
         step_times.append(time.perf_counter() - loaded)
     return trainer.batch_size, sum(data_times[1:]) / iterations, sum(step_times[1:]) / iterations

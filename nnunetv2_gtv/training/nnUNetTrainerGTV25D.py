@@ -49,6 +49,7 @@ class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
     lr_step_iterations = 10_000
     lr_gamma = 0.9
     validation_step_size = 0.5  # nnU-Net's, for the end-of-training validation
+    training_precision = "float32"  # or "bfloat16": the training step under CPU autocast (study and speed benchmark)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -61,6 +62,13 @@ class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
         self.num_epochs = 68
         if keep_freed_memory():
             self.print_to_log_file("memory: freed tensors stay in the process for reuse (nnunetv2_gtv.allocator)")
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step; with ``training_precision`` "bfloat16" on the CPU, forward and loss run under bfloat16
+        autocast (nnU-Net autocasts to float16 on a GPU and not at all on the CPU)."""
+        bfloat16 = self.training_precision == "bfloat16" and self.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            return super().train_step(batch)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
@@ -184,7 +192,6 @@ class _CpuRealCTRecipe(_CpuRecipe):
     mirror_axes: tuple[int, ...] | None = None  # spatial axes (z, y, x) mirrored in training and at inference
     patch_size_zyx: tuple[int, int, int] | None = None  # None: the plans' patch
     snapshot_every_epochs = 2
-    training_precision = "float32"  # or "bfloat16": the training step under CPU autocast (the recipe study's row)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -221,13 +228,6 @@ class _CpuRealCTRecipe(_CpuRecipe):
                                    f"{[int(v) for v in initial_patch_size]}")
         self.inference_allowed_mirroring_axes = self.mirror_axes
         return rotation, dummy_2d, initial_patch_size, self.mirror_axes
-
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step; with ``training_precision`` "bfloat16" on the CPU, forward and loss run under bfloat16
-        autocast (nnU-Net autocasts to float16 on a GPU and not at all on the CPU)."""
-        bfloat16 = self.training_precision == "bfloat16" and self.device.type == "cpu"
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-            return super().train_step(batch)
 
     def configure_optimizers(self):
         optimizer, scheduler = super().configure_optimizers()
