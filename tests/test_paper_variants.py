@@ -178,5 +178,10 @@ def test_variant_trains_and_predicts_through_the_stock_commands(gtv_dataset, tmp
         total = np.count_nonzero(stock_mask) + np.count_nonzero(our_mask)
         assert total == 0 or 2 * overlap / total >= 0.999
         npz = case.removesuffix(".nii.gz") + ".npz"
-        np.testing.assert_allclose(np.load(ours_folder / npz)["probabilities"],
-                                   np.load(tmp_path / "stock" / npz)["probabilities"], atol=5e-3)
+        # nnU-Net sums the tiles' logits in float16 (0.016 a unit at their size), ours in another order: where up
+        # to 8 tiles overlap, a rare voxel's logits differ by up to 0.065 (test_predict), its probability by up to
+        # a quarter of twice that (0.011 seen once); the mean stays strict
+        ours_probabilities = np.load(ours_folder / npz)["probabilities"]
+        stock_probabilities = np.load(tmp_path / "stock" / npz)["probabilities"]
+        np.testing.assert_allclose(ours_probabilities, stock_probabilities, atol=0.035)
+        assert np.mean(np.abs(ours_probabilities - stock_probabilities)) < 1e-4
