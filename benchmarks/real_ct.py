@@ -9,7 +9,8 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
 3. ``study``: the recipe study on fold 0 of the 60 training CTs (48 train / 12 validation, nnU-Net's split):
    Middle models trained in this process for ``--study-iterations`` iterations, one per ``STUDY`` variant (loss,
    foreground share, lr schedule, mirroring, a 32-slice patch, no forced foreground, a bfloat16 training step),
-   each scored on the 12 validation CTs; then the inference study (``INFERENCE_STUDY``: sliding-window step, slab
+   each scored on the 12 validation CTs (``--study-folds``: on more folds, each model scored on its own fold's
+   validation CTs and the folds pooled); then the inference study (``INFERENCE_STUDY``: sliding-window step, slab
    tiles) on the base variant's model;
 4. ``train``: through ``nnUNetv2_train``: ours (``_cpuRealCT``, Local, Middle, Global on ``--our-folds``, by default 0
    and 1: the paper's six) and stock nnU-Net (``nnUNetTrainer_20min``, the budget of our training loop; 2d and
@@ -219,20 +220,42 @@ def describe_volumes(agreement: dict) -> str:
 
 
 def predict_one_model(dirs: dict, results: Path, trainer: str, checkpoint: str, images: Path, output: Path,
-                      plans: str = OUR_PLANS, inference: Sequence[str] = tuple(INFERENCE)) -> None:
+                      plans: str = OUR_PLANS, inference: Sequence[str] = tuple(INFERENCE), fold: int = FOLD) -> None:
     """gtv-predict with one model (its region restriction as in the ensemble), no fusion rule."""
     if (output / "summary.json").is_file():
         return
     shutil.rmtree(output, ignore_errors=True)
     env = dict(os.environ, nnUNet_results=str(results))
-    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", f"{trainer}:{FOLD}",
+    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", f"{trainer}:{fold}",
          "-p", plans, "-chk", checkpoint, "-device", "cpu", "--keep-all-components", "-np", "0",
          "--disable_progress_bar", *inference], output.parent / f"{output.name}.log", env)
 
 
-def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int] | None) -> None:
-    """Middle models of each STUDY variant (or of the ``variants`` numbers), trained here on fold 0 for
-    ``iterations`` and scored on its 12 validation CTs; results are kept per variant and length."""
+def study_key(variant: str, iterations: int, fold: int) -> str:
+    """Record key of a study model; fold 0's keys name no fold (the study was fold 0's alone at first)."""
+    return f"{variant}, {iterations} iterations" + (f", fold {fold}" if fold != FOLD else "")
+
+
+def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int] | None,
+                folds: Sequence[int] = (FOLD,)) -> None:
+    """Middle models of each STUDY variant (or of the ``variants`` numbers), trained here on each of ``folds`` for
+    ``iterations`` and scored on that fold's 12 validation CTs; results are kept per variant, length and fold. With
+    more than one fold, a variant's pooled mean over their validation CTs is logged too (the out-of-fold estimate a
+    candidate is judged by)."""
+    for fold in folds:
+        study_fold(dirs, record, iterations, variants, fold)
+    if len(folds) > 1:
+        study = record.data["study"]
+        for number, variant in enumerate(STUDY):
+            keys = [study_key(variant, iterations, fold) for fold in folds]
+            if (variants is None or number in variants) and all("dice" in study.get(key, {}) for key in keys):
+                dice = [d for key in keys for d in study[key]["dice"].values()]
+                log(f"study: {variant}, {iterations} iterations, folds {list(folds)} pooled: mean Dice "
+                    f"{mean(dice):.3f} over {len(dice)} validation CTs")
+    inference_study(dirs, record, iterations)
+
+
+def study_fold(dirs: dict, record: Record, iterations: int, variants: list[int] | None, fold: int) -> None:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -240,14 +263,15 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
     trainer_name = OUR_TRAINER.format(scale=STUDY_SCALE)
     labels = dirs["nnUNet_raw"] / DATASET / "labelsTr"
     for number, (variant, overrides) in enumerate(STUDY.items()):
-        key = f"{variant}, {iterations} iterations"
+        key = study_key(variant, iterations, fold)
         if (variants is not None and number not in variants) or "volumes" in study.get(key, {}):
             continue
-        results = dirs["work"] / "study" / f"variant_{number}_{iterations}"
-        model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
+        name = f"variant_{number}_{iterations}" + (f"_fold{fold}" if fold != FOLD else "")
+        results = dirs["work"] / "study" / name
+        model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{fold}"
         if not (model_folder / "checkpoint_final.pth").is_file():
             log(f"study: {key}: training {iterations} iterations (log in {model_folder})")
-            trainer = get_trainer_from_args(DATASET, "3d_fullres", FOLD, trainer_name, OUR_PLANS,
+            trainer = get_trainer_from_args(DATASET, "3d_fullres", fold, trainer_name, OUR_PLANS,
                                             device=torch.device("cpu"))
             trainer.output_folder_base = str(model_folder.parent)
             trainer.output_folder = str(model_folder)
@@ -266,16 +290,16 @@ def stage_study(dirs: dict, record: Record, iterations: int, variants: list[int]
                               "batch": trainer.batch_size}
             record.save()
             del trainer
-        output = dirs["work"] / "study_predictions" / f"variant_{number}_{iterations}"
-        predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs), output)
-        scores = dice_against_labels(output, labels, validation_cases(dirs))
+        output = dirs["work"] / "study_predictions" / name
+        predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs, fold), output,
+                          fold=fold)
+        scores = dice_against_labels(output, labels, validation_cases(dirs, fold))
         study.setdefault(key, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
         study[key]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
         study[key]["volumes"] = volume_agreement(scores)
         record.save()
         log(f"study: {key}: mean Dice on the 12 validation CTs {mean(study[key]['dice'].values()):.3f}; "
             f"{describe_volumes(study[key]['volumes'])}")
-    inference_study(dirs, record, iterations)
 
 
 def inference_study(dirs: dict, record: Record, iterations: int) -> None:
@@ -643,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study-iterations", type=int, default=250)
     parser.add_argument("--study-variants", nargs="+", type=int, choices=range(len(STUDY)), metavar="N",
                         help="train only these STUDY variants (numbers from 0; default: all)")
+    parser.add_argument("--study-folds", nargs="+", type=int, choices=range(5), default=[FOLD], metavar="F",
+                        help="folds the study trains and scores each variant on (default: %(default)s)")
     parser.add_argument("--curve-scales", nargs="+", choices=SCALES, default=list(SCALES),
                         help="models whose snapshots the curves stage scores (about a minute per snapshot)")
     parser.add_argument("--curve-iterations", nargs="+", type=int, metavar="N",
@@ -671,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "plan":
             stage_plan(dirs)
         elif stage == "study":
-            stage_study(dirs, record, args.study_iterations, args.study_variants)
+            stage_study(dirs, record, args.study_iterations, args.study_variants, args.study_folds)
         elif stage == "train":
             stage_train(dirs, record, args.our_folds)
         elif stage == "curves":
