@@ -6,7 +6,8 @@ and augmentation, single process: nnUNet_n_proc_DA=0) and the training step (for
 separately. Prints one table; Global is the baseline of one ratio column. With ``--precisions float32 bfloat16``
 every step is also timed with the trainer's ``training_precision = "bfloat16"``, under CPU bfloat16 autocast
 (nnU-Net trains in float32 on the CPU; gtv-predict's ``-precision`` does the same at inference), and a second
-ratio column compares it with float32 of the same trainer and batch, measured in the same run. A recipe with a batch of its own (``_cpu``, ``_cpuRealCT``) keeps it.
+ratio column compares it with float32 of the same trainer and batch, measured in the same run. A recipe with a
+batch of its own (``_cpu``, ``_cpuRealCT``) keeps it.
 
     python benchmarks/trainer_speed.py [--iterations 5] [--size 128] [--slices 44] [--trainers ...]
         [--precisions float32 bfloat16]
