@@ -8,7 +8,8 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    ``nnUNetPlansGTV25D_3x4x4``), and stock nnU-Net's own plans (``nnUNetPlans``: 2d and 3d_fullres);
 3. ``study``: the recipe study on fold 0 of the 60 training CTs (48 train / 12 validation, nnU-Net's split):
    Middle models trained in this process for ``--study-iterations`` iterations, one per ``STUDY`` variant (loss,
-   foreground share, lr schedule, mirroring, a 32-slice patch, no forced foreground, a bfloat16 training step),
+   foreground share, lr schedule, mirroring, a 32-slice patch, no forced foreground, a bfloat16 training step,
+   a whole-neck patch on a 6 x 8 x 8 mm grid, ``STUDY_GRIDS``, planned here when needed),
    each scored on the 12 validation CTs (``--study-folds``: on more folds, each model scored on its own fold's
    validation CTs and the folds pooled); then the inference study (``INFERENCE_STUDY``: sliding-window step, slab
    tiles) on the base variant's model;
@@ -20,7 +21,8 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
    fold-0 models on the same 12 CTs; the three models of each other fold of ``--our-folds`` fused with that rule on
    their own fold's 12 validation CTs (a second estimate, nothing chosen on it), and every fold's fused models
    pooled over their own validation CTs (the out-of-fold estimate; with the predicted volumes against the
-   reference's and VVC against 1 - Dice);
+   reference's and VVC against 1 - Dice), beside a population prior that reads no tumour from the CT (the training
+   targets' mean placed by anatomical landmarks);
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
    model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with
    ``nnUNetv2_predict`` for the stock models (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
@@ -70,7 +72,14 @@ STUDY = {
     "Dice + CE, 33 % foreground, poly lr, patch 32 x 64 x 64": {**BASE, "patch_size_zyx": (32, 64, 64)},
     "Dice + CE, no forced foreground, poly lr": {**BASE, "oversample_foreground_percent": 0.0},
     "Dice + CE, 33 % foreground, poly lr, bfloat16 training step": {**BASE, "training_precision": "bfloat16"},
+    "Dice + CE, 33 % foreground, poly lr, 6 x 8 x 8 mm grid, patch 32 x 48 x 48":
+        {**BASE, "patch_size_zyx": (32, 48, 48)},
 }
+# study variants planned on a grid of their own (plans name, spacing z y x in mm); the others use OUR_PLANS. The
+# 6 x 8 x 8 mm patch of 32 x 48 x 48 voxels (192 x 384 x 384 mm) holds the whole neck, for about the recipe's
+# voxels per patch (74 k against 66 k): whole-neck context at the recipe's cost, the first stage of a cascade.
+STUDY_GRIDS = {"Dice + CE, 33 % foreground, poly lr, 6 x 8 x 8 mm grid, patch 32 x 48 x 48":
+               ("nnUNetPlansGTV25D_6x8x8", ("6", "8", "8"))}
 STUDY_BASE = "Dice + CE, 33 % foreground, poly lr"  # the variant whose model the inference study scores
 # inference study: gtv-predict options scored on the STUDY_BASE model; INFERENCE, chosen there, scores everything else
 # (--enable_tta mirrors only where the model's trainer allows it: its mirror_axes)
@@ -132,12 +141,18 @@ def stage_dataset(source: Path, dirs: dict) -> None:
         dirs["logs"] / "gtv-dataset.log")
 
 
+def plan_ours(dirs: dict, plans: str = OUR_PLANS, spacing: Sequence[str] = OUR_SPACING) -> None:
+    """nnUNetPlannerGTV25D's plans and preprocessed data on the grid ``spacing`` (z y x, mm), unless done."""
+    if not (dirs["nnUNet_preprocessed"] / DATASET / f"{plans}_3d_fullres").is_dir():
+        log_name = "plan_ours.log" if plans == OUR_PLANS else f"plan_{plans}.log"
+        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerGTV25D",
+             "-c", "3d_fullres", "-np", "2", "-overwrite_target_spacing", *spacing,
+             "-overwrite_plans_name", plans, "--verify_dataset_integrity"], dirs["logs"] / log_name)
+
+
 def stage_plan(dirs: dict) -> None:
     folder = dirs["nnUNet_preprocessed"] / DATASET
-    if not (folder / f"{OUR_PLANS}_3d_fullres").is_dir():
-        run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerGTV25D",
-             "-c", "3d_fullres", "-np", "2", "-overwrite_target_spacing", *OUR_SPACING,
-             "-overwrite_plans_name", OUR_PLANS, "--verify_dataset_integrity"], dirs["logs"] / "plan_ours.log")
+    plan_ours(dirs)
     if not all((folder / f"nnUNetPlans_{c}").is_dir() for c in STOCK_CONFIGURATIONS):
         # nnU-Net's planner sizes its networks with torch threads = nnUNet_n_proc_DA, which must not be 0 there
         run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", *STOCK_CONFIGURATIONS,
@@ -268,10 +283,12 @@ def study_fold(dirs: dict, record: Record, iterations: int, variants: list[int] 
             continue
         name = f"variant_{number}_{iterations}" + (f"_fold{fold}" if fold != FOLD else "")
         results = dirs["work"] / "study" / name
-        model_folder = results / DATASET / f"{trainer_name}__{OUR_PLANS}__3d_fullres" / f"fold_{fold}"
+        plans, spacing = STUDY_GRIDS.get(variant, (OUR_PLANS, OUR_SPACING))
+        model_folder = results / DATASET / f"{trainer_name}__{plans}__3d_fullres" / f"fold_{fold}"
         if not (model_folder / "checkpoint_final.pth").is_file():
+            plan_ours(dirs, plans, spacing)
             log(f"study: {key}: training {iterations} iterations (log in {model_folder})")
-            trainer = get_trainer_from_args(DATASET, "3d_fullres", fold, trainer_name, OUR_PLANS,
+            trainer = get_trainer_from_args(DATASET, "3d_fullres", fold, trainer_name, plans,
                                             device=torch.device("cpu"))
             trainer.output_folder_base = str(model_folder.parent)
             trainer.output_folder = str(model_folder)
@@ -292,7 +309,7 @@ def study_fold(dirs: dict, record: Record, iterations: int, variants: list[int] 
             del trainer
         output = dirs["work"] / "study_predictions" / name
         predict_one_model(dirs, results, trainer_name, "checkpoint_final.pth", validation_images(dirs, fold), output,
-                          fold=fold)
+                          plans=plans, fold=fold)
         scores = dice_against_labels(output, labels, validation_cases(dirs, fold))
         study.setdefault(key, {})["dice"] = {c: s["dice"] for c, s in scores.items()}
         study[key]["rve_percent"] = {c: s["rve_percent"] for c, s in scores.items()}
@@ -411,6 +428,7 @@ def stage_curves(dirs: dict, record: Record, scales: list[str], only: list[int] 
         check_other_fold(dirs, record, rule, fold)
     if len(folds) > 1:
         pool_validation(dirs, record, rule, folds)
+        population_prior(dirs, record, folds)
 
 
 def check_other_fold(dirs: dict, record: Record, rule: str, fold: int) -> None:
@@ -464,6 +482,78 @@ def pool_validation(dirs: dict, record: Record, rule: str, folds: Sequence[int])
     log(f"folds {list(folds)}, each on its own validation CTs ({len(cases)}), fused: mean Dice "
         f"{pooled['mean_dice']:.3f}, median RVE {pooled['median_rve_percent']:.1f} %; "
         f"{describe_volumes(pooled['volumes'])}; VVC against 1 - Dice: Spearman rho {rho:.2f} (p {p:.2g})")
+
+
+def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
+    """A baseline that reads no tumour from the CT: each validation CT of ``folds`` gets the mean of its fold's
+    training PTV70 masks, placed by the mandible and lung-apex levels (z) and the body's box (y, x) that the sampling
+    regions find in each CT, and cut to the training masks' median volume (a rule set by the training CTs alone).
+    Scored on the recipe's preprocessed grid. What the models add over it is what they read of the patient."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from scipy import stats
+    from scipy.ndimage import affine_transform
+
+    from nnunetv2_gtv.training.regions.records import CACHE_FOLDER, CaseRegions
+
+    if "population_prior" in record.data:
+        return
+    folder = dirs["nnUNet_preprocessed"] / DATASET / f"{OUR_PLANS}_3d_fullres"
+    regions = {path.stem: CaseRegions.from_json(json.loads(path.read_text()))
+               for path in (folder / CACHE_FOLDER).glob("*.json")}
+    spans = [r.levels["mandible"] - r.levels["lungs"] for r in regions.values()
+             if None not in (r.levels.get("mandible"), r.levels.get("lungs"))]
+    mandible_to_lungs = float(np.median(spans))  # slices; stands in where a scan ends above the lungs
+    unplaced = sorted(case for case, r in regions.items() if r.levels.get("mandible") is None)
+    if unplaced:
+        log(f"population prior skipped: no mandible level found in {', '.join(unplaced)}")
+        return
+
+    def frame(case: str) -> tuple[np.ndarray, np.ndarray]:
+        """Origin and extent (voxels, z y x) of a case's landmark frame."""
+        levels, body = regions[case].levels, regions[case].body_box.ranges
+        top = levels["mandible"]
+        bottom = levels["lungs"] if levels["lungs"] is not None else top - mandible_to_lungs
+        return (np.array([bottom, body[1][0], body[2][0]], float),
+                np.array([top - bottom, body[1][1] - body[1][0], body[2][1] - body[2][0]], float))
+
+    ml_per_voxel = float(np.prod([float(v) for v in OUR_SPACING])) / 1000
+    dataset_class = infer_dataset_class(str(folder))
+    scores = {}
+    for fold in folds:
+        train = json.loads((dirs["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())[fold]["train"]
+        cases = validation_cases(dirs, fold)
+        dataset = dataset_class(str(folder), train + cases)
+        masks = {case: (np.asarray(dataset.load_case(case)[1])[0] > 0).astype(np.float32) for case in train}
+        median_voxels = int(np.median([mask.sum() for mask in masks.values()]))
+        for case in cases:
+            reference = np.asarray(dataset.load_case(case)[1])[0] > 0
+            origin, extent = frame(case)
+            prior = np.zeros(reference.shape, np.float32)
+            for training_case, mask in masks.items():
+                training_origin, training_extent = frame(training_case)
+                scale = training_extent / extent  # a voxel v of this CT lies at origin' + (v - origin) * scale there
+                prior += affine_transform(mask, scale, offset=training_origin - origin * scale,
+                                          output_shape=reference.shape, order=1)
+            prediction = prior >= np.sort(prior, axis=None)[-median_voxels]
+            predicted, true = prediction.sum() * ml_per_voxel, reference.sum() * ml_per_voxel
+            scores[case] = {"dice": float(2 * (prediction & reference).sum() / (prediction.sum() + reference.sum())),
+                            "rve_percent": float(100 * abs(predicted - true) / true),
+                            "predicted_ml": float(predicted), "reference_ml": float(true)}
+    fused = record.data["pooled_validation"]["scores"]
+    cases = sorted(scores)
+    fused_dice, prior_dice = [fused[case]["dice"] for case in cases], [scores[case]["dice"] for case in cases]
+    prior = {"folds": list(folds), "scores": scores, "mean_dice": mean(prior_dice),
+             "median_rve_percent": statistics.median(s["rve_percent"] for s in scores.values()),
+             "volumes": volume_agreement(scores),
+             "fused_better_cases": sum(f > p for f, p in zip(fused_dice, prior_dice)),
+             "wilcoxon_p_fused_vs_prior": float(stats.wilcoxon(fused_dice, prior_dice).pvalue)}
+    record.data["population_prior"] = prior
+    record.save()
+    log(f"population prior (no tumour read from the CT), folds {list(folds)}, {len(cases)} validation CTs: mean Dice "
+        f"{prior['mean_dice']:.3f}, median RVE {prior['median_rve_percent']:.1f} %; "
+        f"{describe_volumes(prior['volumes'])}; the fused models beat it on {prior['fused_better_cases']} of "
+        f"{len(cases)} CTs (paired Wilcoxon p {prior['wilcoxon_p_fused_vs_prior']:.2g})")
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
