@@ -6,6 +6,7 @@ touches pyplot's global backend, so no display is needed and an interactive sess
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ def box_plot(values_by_source: dict[str, list[float]], path: Path, ylabel: str, 
     names = list(values_by_source)
     finite = {n: [v for v in values_by_source[n] if math.isfinite(v)] for n in names}
     axes.boxplot([finite[n] for n in names])
-    axes.set_xticks(range(1, len(names) + 1), names)
+    axes.set_xticks(range(1, len(names) + 1), [textwrap.fill(n, 16) for n in names])  # long names: lines
     for i, name in enumerate(names, start=1):
         values = finite[name]
         axes.scatter(np.full(len(values), i) + np.linspace(-0.08, 0.08, len(values)), values, s=12, color="k", zorder=3)
