@@ -26,6 +26,7 @@ Stages (each reuses what an earlier run with the same ``--work`` finished; ``--s
 6. ``test``: the 16 test CTs with ``gtv-predict`` (the models of ``--our-folds`` fused with the chosen rule, each
    model's own output kept; with more than fold 0, the three fold-0 models also fused from those outputs) and with
    ``nnUNetv2_predict`` for the stock models (nnU-Net's step 0.5, no test-time mirroring, as ours), timed per case;
+   and the population prior of the 60 training targets on each test CT, in the CT's geometry (a row of the report);
 7. ``report``: ``gtv-evaluate`` on that ensemble's output (error rate per vote-entropy level, VVC against 1 - Dice,
    review flags), ``gtv-compare`` of every row against it, the learning-curve plot and overlays of the best,
    median and worst test case, a summary in ``DIR/real_ct.json`` and markdown on stdout.
@@ -58,6 +59,7 @@ OUR_TRAINER = "nnUNetTrainerGTV25D{scale}_cpuRealCT"
 STOCK_TRAINER, STOCK_CONFIGURATIONS = "nnUNetTrainer_20min", ("2d", "3d_fullres")
 FOLD = 0  # the split of the comparison: stock nnU-Net's fold, the learning curve, the choice of fusion rule
 OUR_FOLDS = (0, 1)  # the paper's six models: every scale on folds 0 and 1 (--our-folds 0: the three of fold 0)
+PRIOR_FOLDER, PRIOR_ROW = "population_prior", "population prior (no tumour read)"  # a test row beside the models
 STAGES = ("dataset", "plan", "study", "train", "curves", "test", "report")
 # recipe study: variant -> attributes of the _cpuRealCT trainer set on the instance (Adam from 1e-3, batch 8; what a
 # variant does not name stays as the recipe has it). The scores of a variant with mirror_axes use test-time mirroring.
@@ -484,6 +486,53 @@ def pool_validation(dirs: dict, record: Record, rule: str, folds: Sequence[int])
         f"{describe_volumes(pooled['volumes'])}; VVC against 1 - Dice: Spearman rho {rho:.2f} (p {p:.2g})")
 
 
+def landmark_frame(regions, mandible_to_lungs: float):
+    """Origin and extent (voxels, z y x) of a case's landmark frame: lung apex to mandible in z (a scan that ends
+    above the lungs: the mandible level less ``mandible_to_lungs`` slices), the body's box in-plane."""
+    import numpy as np
+
+    levels, body = regions.levels, regions.body_box.ranges
+    top = levels["mandible"]
+    bottom = levels["lungs"] if levels["lungs"] is not None else top - mandible_to_lungs
+    return (np.array([bottom, body[1][0], body[2][0]], float),
+            np.array([top - bottom, body[1][1] - body[1][0], body[2][1] - body[2][0]], float))
+
+
+def place_prior(masks: dict, frames: dict, frame: tuple, shape: tuple):
+    """The training masks (name -> float array) averaged on a CT of ``shape`` whose landmark frame is ``frame``,
+    cut to their median volume: the population prior's mask on that CT."""
+    import numpy as np
+    from scipy.ndimage import affine_transform
+
+    origin, extent = frame
+    prior = np.zeros(shape, np.float32)
+    for case, mask in masks.items():
+        training_origin, training_extent = frames[case]
+        scale = training_extent / extent  # a voxel v of this CT lies at origin' + (v - origin) * scale there
+        prior += affine_transform(mask, scale, offset=training_origin - origin * scale, output_shape=shape, order=1)
+    median_voxels = int(np.median([mask.sum() for mask in masks.values()]))
+    return prior >= np.sort(prior, axis=None)[-median_voxels]
+
+
+def training_frames(dirs: dict) -> tuple[dict, float] | None:
+    """Every training CT's landmark frame (from the sampling regions' cache of the recipe's preprocessed data) and
+    the median mandible-to-lungs distance in slices; None (logged) when a CT has no mandible level."""
+    import numpy as np
+
+    from nnunetv2_gtv.training.regions.records import CACHE_FOLDER, CaseRegions
+
+    folder = dirs["nnUNet_preprocessed"] / DATASET / f"{OUR_PLANS}_3d_fullres"
+    regions = {path.stem: CaseRegions.from_json(json.loads(path.read_text()))
+               for path in (folder / CACHE_FOLDER).glob("*.json")}
+    unplaced = sorted(case for case, r in regions.items() if r.levels.get("mandible") is None)
+    if unplaced:
+        log(f"population prior left out: no mandible level found in {', '.join(unplaced)}")
+        return None
+    mandible_to_lungs = float(np.median([r.levels["mandible"] - r.levels["lungs"] for r in regions.values()
+                                         if r.levels.get("lungs") is not None]))
+    return {case: landmark_frame(r, mandible_to_lungs) for case, r in regions.items()}, mandible_to_lungs
+
+
 def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
     """A baseline that reads no tumour from the CT: each validation CT of ``folds`` gets the mean of its fold's
     training PTV70 masks, placed by the mandible and lung-apex levels (z) and the body's box (y, x) that the sampling
@@ -492,31 +541,11 @@ def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from scipy import stats
-    from scipy.ndimage import affine_transform
 
-    from nnunetv2_gtv.training.regions.records import CACHE_FOLDER, CaseRegions
-
-    if "population_prior" in record.data:
+    if "population_prior" in record.data or (found := training_frames(dirs)) is None:
         return
+    frames, _ = found
     folder = dirs["nnUNet_preprocessed"] / DATASET / f"{OUR_PLANS}_3d_fullres"
-    regions = {path.stem: CaseRegions.from_json(json.loads(path.read_text()))
-               for path in (folder / CACHE_FOLDER).glob("*.json")}
-    spans = [r.levels["mandible"] - r.levels["lungs"] for r in regions.values()
-             if None not in (r.levels.get("mandible"), r.levels.get("lungs"))]
-    mandible_to_lungs = float(np.median(spans))  # slices; stands in where a scan ends above the lungs
-    unplaced = sorted(case for case, r in regions.items() if r.levels.get("mandible") is None)
-    if unplaced:
-        log(f"population prior skipped: no mandible level found in {', '.join(unplaced)}")
-        return
-
-    def frame(case: str) -> tuple[np.ndarray, np.ndarray]:
-        """Origin and extent (voxels, z y x) of a case's landmark frame."""
-        levels, body = regions[case].levels, regions[case].body_box.ranges
-        top = levels["mandible"]
-        bottom = levels["lungs"] if levels["lungs"] is not None else top - mandible_to_lungs
-        return (np.array([bottom, body[1][0], body[2][0]], float),
-                np.array([top - bottom, body[1][1] - body[1][0], body[2][1] - body[2][0]], float))
-
     ml_per_voxel = float(np.prod([float(v) for v in OUR_SPACING])) / 1000
     dataset_class = infer_dataset_class(str(folder))
     scores = {}
@@ -525,17 +554,9 @@ def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
         cases = validation_cases(dirs, fold)
         dataset = dataset_class(str(folder), train + cases)
         masks = {case: (np.asarray(dataset.load_case(case)[1])[0] > 0).astype(np.float32) for case in train}
-        median_voxels = int(np.median([mask.sum() for mask in masks.values()]))
         for case in cases:
             reference = np.asarray(dataset.load_case(case)[1])[0] > 0
-            origin, extent = frame(case)
-            prior = np.zeros(reference.shape, np.float32)
-            for training_case, mask in masks.items():
-                training_origin, training_extent = frame(training_case)
-                scale = training_extent / extent  # a voxel v of this CT lies at origin' + (v - origin) * scale there
-                prior += affine_transform(mask, scale, offset=training_origin - origin * scale,
-                                          output_shape=reference.shape, order=1)
-            prediction = prior >= np.sort(prior, axis=None)[-median_voxels]
+            prediction = place_prior(masks, frames, frames[case], reference.shape)
             predicted, true = prediction.sum() * ml_per_voxel, reference.sum() * ml_per_voxel
             scores[case] = {"dice": float(2 * (prediction & reference).sum() / (prediction.sum() + reference.sum())),
                             "rve_percent": float(100 * abs(predicted - true) / true),
@@ -554,6 +575,61 @@ def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
         f"{prior['mean_dice']:.3f}, median RVE {prior['median_rve_percent']:.1f} %; "
         f"{describe_volumes(prior['volumes'])}; the fused models beat it on {prior['fused_better_cases']} of "
         f"{len(cases)} CTs (paired Wilcoxon p {prior['wilcoxon_p_fused_vs_prior']:.2g})")
+
+
+def population_prior_test(dirs: dict, output: Path) -> None:
+    """The population prior of all 60 training CTs on each test CT, written in the CT's own geometry (nnU-Net's
+    preprocessing and export, as a model's output) with the seconds per case, for gtv-compare."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_gtv.training.regions import (
+        air_threshold_from_plans, body_threshold_from_plans, bone_threshold_from_plans,
+    )
+    from nnunetv2_gtv.training.regions.borders import compute_regions
+    from nnunetv2_gtv.training.regions.orientation import anterior_axis_from_direction, superior_axis_from_direction
+
+    if (output / "timings.csv").is_file() or (found := training_frames(dirs)) is None:
+        return
+    frames, mandible_to_lungs = found
+    preprocessed = dirs["nnUNet_preprocessed"] / DATASET
+    plans_manager = PlansManager(str(preprocessed / f"{OUR_PLANS}.json"))
+    configuration = plans_manager.get_configuration("3d_fullres")
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    plans, transpose = plans_manager.plans, plans_manager.transpose_forward
+    folder = preprocessed / f"{OUR_PLANS}_3d_fullres"
+    dataset = infer_dataset_class(str(folder))(str(folder), sorted(frames))
+    masks = {case: (np.asarray(dataset.load_case(case)[1])[0] > 0).astype(np.float32) for case in frames}
+    images = dirs["nnUNet_raw"] / DATASET / "imagesTs"
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    writer, seconds = plans_manager.image_reader_writer_class(), {}
+    for image in sorted(images.glob("*_0000.nii.gz")):
+        case, start = image.name[:-len("_0000.nii.gz")], time.perf_counter()
+        data, _, properties = DefaultPreprocessor(verbose=False).run_case([str(image)], None, plans_manager,
+                                                                          configuration, dataset_json)
+        direction = properties["sitk_stuff"]["direction"]
+        regions = compute_regions(data[0], configuration.spacing, *superior_axis_from_direction(direction, transpose),
+                                  body_threshold_from_plans(plans), bone_threshold=bone_threshold_from_plans(plans),
+                                  anterior=anterior_axis_from_direction(direction, transpose),
+                                  air_threshold=air_threshold_from_plans(plans))
+        if regions.levels.get("mandible") is None:
+            log(f"population prior: {case}: no mandible level found; the prior is left out of the test comparison")
+            shutil.rmtree(output)
+            return
+        mask = place_prior(masks, frames, landmark_frame(regions, mandible_to_lungs), data.shape[1:])
+        two_class = torch.from_numpy(np.stack([~mask, mask]).astype(np.float32))
+        segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+            two_class, plans_manager, configuration, plans_manager.get_label_manager(dataset_json), properties)
+        writer.write_seg(segmentation, str(output / f"{case}.nii.gz"), properties)
+        seconds[case] = time.perf_counter() - start
+    with open(output / "timings.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["case", "seconds"], *([c, f"{s:.2f}"] for c, s in seconds.items())])
+    log(f"population prior on the {len(seconds)} test CTs written to {output}")
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
@@ -632,6 +708,7 @@ def stage_test(dirs: dict, record: Record, folds: Sequence[int]) -> None:
         if not (folder / "summary.json").is_file():
             fuse_saved_outputs(model_prediction_folders(fused, our_specs([FOLD])), folder,
                                fusion_options(rule, our_specs([FOLD])))
+    population_prior_test(dirs, dirs["work"] / "test" / PRIOR_FOLDER)
     for name, (trainer, plans, configuration, fold) in models(folds).items():
         if trainer.startswith("nnUNetTrainerGTV"):
             continue
@@ -690,6 +767,8 @@ def stage_report(dirs: dict, record: Record, folds: Sequence[int], docs: Path | 
         else:
             minutes.pop(name)
             log(f"report: {name} left out, its test stage did not finish ({folder})")
+    if (dirs["work"] / "test" / PRIOR_FOLDER / "timings.csv").is_file():
+        inputs.append(f"{PRIOR_ROW}={dirs['work'] / 'test' / PRIOR_FOLDER}")
     comparison = out / "comparison"
     shutil.rmtree(comparison, ignore_errors=True)
     run([nnunet_command("gtv-compare"), "-i", *inputs, "-r", str(raw / "labelsTs"), "-o", str(comparison),
