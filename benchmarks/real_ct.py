@@ -515,15 +515,25 @@ def place_prior(masks: dict, frames: dict, frame: tuple, shape: tuple):
 
 
 def training_frames(dirs: dict) -> tuple[dict, float] | None:
-    """Every training CT's landmark frame (from the sampling regions' cache of the recipe's preprocessed data) and
-    the median mandible-to-lungs distance in slices; None (logged) when a CT has no mandible level."""
+    """Every training CT's landmark frame (the sampling regions of the recipe's preprocessed data, as the trainers
+    found and cached them; computed here where a run has not) and the median mandible-to-lungs distance in slices;
+    None (logged) when a CT has no mandible level."""
     import numpy as np
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_gtv.training.regions.records import CACHE_FOLDER, CaseRegions
+    from nnunetv2_gtv.training.regions import (
+        air_threshold_from_plans, body_threshold_from_plans, bone_threshold_from_plans, regions_for_dataset,
+    )
 
-    folder = dirs["nnUNet_preprocessed"] / DATASET / f"{OUR_PLANS}_3d_fullres"
-    regions = {path.stem: CaseRegions.from_json(json.loads(path.read_text()))
-               for path in (folder / CACHE_FOLDER).glob("*.json")}
+    preprocessed = dirs["nnUNet_preprocessed"] / DATASET
+    plans_manager = PlansManager(str(preprocessed / f"{OUR_PLANS}.json"))
+    plans = plans_manager.plans
+    split = json.loads((preprocessed / "splits_final.json").read_text())[FOLD]
+    regions = regions_for_dataset(preprocessed / f"{OUR_PLANS}_3d_fullres", sorted(split["train"] + split["val"]),
+                                  body_threshold_from_plans(plans),
+                                  plans_manager.get_configuration("3d_fullres").spacing,
+                                  plans_manager.transpose_forward, bone_threshold=bone_threshold_from_plans(plans),
+                                  air_threshold=air_threshold_from_plans(plans))
     unplaced = sorted(case for case, r in regions.items() if r.levels.get("mandible") is None)
     if unplaced:
         log(f"population prior left out: no mandible level found in {', '.join(unplaced)}")
