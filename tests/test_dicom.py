@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from nnunetv2_gtv.dicom.outputs import write_dicom_outputs
 from nnunetv2_gtv.dicom.rtstruct import slice_contours
-from nnunetv2_gtv.dicom.series import find_dicom_series, read_series
+from nnunetv2_gtv.dicom.series import DicomInputError, find_dicom_series, read_series
 from nnunetv2_gtv.dicom.synthetic import synthetic_ct, write_ct_series
 from test_predict import FAST, SMOKE, results, run  # noqa: F401 - results is a fixture
 
@@ -86,14 +86,18 @@ def rasterise_roi(rtstruct: Dataset, name: str, ct: dict[str, Dataset], grid: si
     return mask
 
 
-def decode_seg_by_position(path: Path, ct: dict[str, Dataset], grid: sitk.Image) -> np.ndarray:
-    """The SEG's frames placed on ``grid`` by their ImagePositionPatient; each frame must reference the CT file at
-    that position."""
+def decode_seg_by_position(path: Path, ct: dict[str, Dataset], grid: sitk.Image, segment: int = 1) -> np.ndarray:
+    """The frames of one segment of the SEG placed on ``grid`` by their ImagePositionPatient; each frame must
+    reference the CT file at that position."""
     seg = pydicom.dcmread(path)
     frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     by_position = {slice_index(grid, ds.ImagePositionPatient): uid for uid, ds in ct.items()}
     mask = np.zeros(sitk.GetArrayViewFromImage(grid).shape, dtype=bool)
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        identification = item if "SegmentIdentificationSequence" in item else shared  # one segment: shared
+        if identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber != segment:
+            continue
         k = slice_index(grid, item.PlanePositionSequence[0].ImagePositionPatient)
         assert item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == by_position[k]
         mask[k] = frame.astype(bool)
@@ -204,6 +208,45 @@ def test_seg_decodes_to_the_identical_mask(written):
 
 def test_every_reference_resolves_to_the_ct(written):
     assert_references_resolve(written["rtstruct"], written["seg"], written["ct"])
+
+
+def test_several_labels_give_one_roi_and_one_segment_each(tmp_path, dciodvfy):
+    """GTVp, GTVnd (one node below the primary, absent on most slices) and a parotid: each label its own named,
+    coded and coloured ROI and segment, read back to exactly that label's voxels."""
+    image, label = synthetic_ct(seed=6, in_plane_size=40, num_slices=12, spacing_xyz=(0.8, 1.0, 2.5))
+    labels = sitk.GetArrayFromImage(label).astype(np.uint8)
+    labels[1:3, 30:34, 5:9] = 2
+    labels[6:9, 3:8, 30:36] = 3
+    grid = sitk.GetImageFromArray(labels)
+    grid.CopyInformation(label)
+    write_ct_series(image, tmp_path / "ct", reverse_files=True)
+    series = find_dicom_series(tmp_path / "ct").series[0]
+    entropy = sitk.Cast(sitk.BinaryDilate(grid > 0, [1, 1, 0]) - (grid > 0), sitk.sitkFloat32) * 0.6365
+    rtstruct_path, seg_path = write_dicom_outputs(series, grid, entropy, tmp_path, "case",
+                                                  ["background", "GTVp", "GTVnd", "Parotid_L"])
+    ct = ct_headers(tmp_path / "ct")
+    rtstruct = pydicom.dcmread(rtstruct_path)
+    assert [r.ROIName for r in rtstruct.StructureSetROISequence] == ["GTVp", "GTVnd", "Parotid_L", "uncertain"]
+    assert [o.RTROIInterpretedType for o in rtstruct.RTROIObservationsSequence] == ["GTV", "GTV", "ORGAN", ""]
+    colours = [tuple(int(v) for v in c.ROIDisplayColor) for c in rtstruct.ROIContourSequence]
+    assert len(set(colours)) == 4
+    seg = pydicom.dcmread(seg_path)
+    segments = seg.SegmentSequence
+    assert [s.SegmentLabel for s in segments] == ["GTVp", "GTVnd", "Parotid_L"]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments] == ["108369006", "108369006",
+                                                                                     "45289007"]
+    for value, name in ((1, "GTVp"), (2, "GTVnd"), (3, "Parotid_L")):
+        expected = labels == value
+        assert np.array_equal(rasterise_roi(rtstruct, name, ct, grid), expected), name
+        np.testing.assert_array_equal(decode_seg_by_position(seg_path, ct, grid, value), expected)
+    assert_references_resolve(rtstruct_path, seg_path, ct)
+    for path in (rtstruct_path, seg_path):
+        assert dciodvfy_problems(dciodvfy, path) == [], path.name
+    labels[0, 0, 0] = 7
+    wrong = sitk.GetImageFromArray(labels)
+    wrong.CopyInformation(label)
+    with pytest.raises(DicomInputError, match=r"labels \[7\] are not in the dataset's labels"):
+        write_dicom_outputs(series, wrong, None, tmp_path, "wrong", ["background", "GTVp", "GTVnd", "Parotid_L"])
 
 
 def test_contours_keep_holes_and_drop_nothing_they_need():
@@ -320,10 +363,10 @@ def test_a_case_whose_dicom_objects_fail_loses_both_and_is_reported(tmp_path, mo
     for case in ("good", "bad", "earlier"):
         sitk.WriteImage(label, str(tmp_path / "out" / f"{case}.nii.gz"))
 
-    def failing_seg(series, mask, target):
+    def failing_seg(series, labels, codings, target):
         if "bad" in str(target):
             raise TypeError("simulated")
-        return write_seg(series, mask, target)
+        return write_seg(series, labels, codings, target)
 
     write_seg = outputs.write_seg
     monkeypatch.setattr(outputs, "write_seg", failing_seg)

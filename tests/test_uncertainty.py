@@ -218,7 +218,8 @@ def test_volumes_vvc_review_and_summary_contract(tmp_path, properties, voxel_ml)
     assert row["review"] == "true"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"command", "versions", "inputs", "weights", "settings", "cases"}
+    assert set(summary) == {"command", "versions", "label_names", "inputs", "weights", "settings", "cases"}
+    assert summary["label_names"] == ["background", "GTV"]
     assert summary["command"].startswith("gtv-uncertainty -i ")
     assert set(summary["versions"]) == {"nnunetv2_gtv", "nnunetv2", "torch", "numpy", "SimpleITK"}
     assert summary["inputs"] == [str(Path(f).resolve()) for f in folders]

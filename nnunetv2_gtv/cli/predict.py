@@ -2,11 +2,12 @@
 
 Each CT is read and preprocessed once; every model of the ensemble (default: the paper's six, Local, Middle
 and Global x folds 0 and 1) runs on the same tensor; the probabilities are averaged in memory and fused by
-gtv-uncertainty's code. Per case, on the input's own grid and in its format: <case> (fused segmentation,
-largest component), <case>_entropy (vote entropy), optionally <case>_probability; summary.json / summary.csv
-hold each model's volume and the VVC. A folder of DICOM files: each CT series under it is a case
-(<PatientID>_<SeriesNumber>), with NIfTI outputs plus <case>_RTSTRUCT.dcm and <case>_SEG.dcm referring to the CT
-(also for one NIfTI input with --dicom-reference SERIES_DIR).
+gtv-uncertainty's code; a model that ran in its sampling region is left out of the mean and the votes outside it.
+Per case, on the input's own grid and in its format: <case> (fused labels, connected-component rule per label),
+<case>_entropy (vote entropy), optionally <case>_probability; summary.json / summary.csv hold each model's volume
+and the VVC, for the case and (with several labels) per label. A folder of DICOM files: each CT series under it
+is a case (<PatientID>_<SeriesNumber>), with NIfTI outputs plus <case>_RTSTRUCT.dcm and <case>_SEG.dcm referring
+to the CT, one ROI / segment per label (also for one NIfTI input with --dicom-reference SERIES_DIR).
 
 Exit codes: 0 all cases done; 1 some cases failed (listed); 2 unusable models, inputs or output folder.
 """
@@ -30,7 +31,8 @@ from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_ar
 from nnunetv2_gtv.cli.review import review
 from nnunetv2_gtv.dicom.outputs import write_run_outputs
 from nnunetv2_gtv.ensemble.errors import FusionInputError
-from nnunetv2_gtv.ensemble.folders import label_values
+from nnunetv2_gtv.ensemble.folders import label_names, label_values
+from nnunetv2_gtv.ensemble.postprocessing import POSTPROCESSING_FILE
 from nnunetv2_gtv.ensemble.writing import check_outside_inputs
 from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
@@ -91,7 +93,7 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                        default=DEFAULTS.restrict_to_region,
                        help="run every model on the whole image instead of Local and Middle only inside their "
                             "sampling region (head; head and neck) and Global inside the body's bounding box; outside "
-                            "it they predict background")
+                            "it a model abstains in the fusion (see --outside-region)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "<case>_RTSTRUCT.dcm and <case>_SEG.dcm referring to it (the file must be on its grid)")
     _add_model_arguments(parser)
     _add_inference_arguments(parser)
-    add_fusion_arguments(parser.add_argument_group("fusion (as gtv-uncertainty)"))
+    add_fusion_arguments(parser.add_argument_group("fusion (as gtv-uncertainty)"),
+                         f"; gtv-predict reads $nnUNet_results/<dataset>/{POSTPROCESSING_FILE} when it exists")
     run = parser.add_argument_group("run")
     run.add_argument("-np", type=int, default=2,
                      help="export processes working beside prediction when there are several cases; 0 = export in "
@@ -166,7 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_size = args.step_size if args.step_size is not None else default_step_size(args.device)
         settings = InferenceSettings(args.tile, step_size, args.mirroring, args.restrict,
                                      use_cpu_bfloat16(args.precision, args.device))
-        fusion = fusion_settings_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     results = os.environ.get("nnUNet_results")
@@ -178,8 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_inputs(cases[args.part_id::args.num_parts])
         dicom_series = dicom_series_of_cases(cases, args.dicom_reference)
         check_outside_inputs(args.o, [args.i] + ([args.dicom_reference] if args.dicom_reference else []))
-        specs = resolve_models(results, _dataset_name(Path(results), args.d), args.m, args.p, args.c,
-                               args.tr_suffix, args.chk)
+        dataset_folder = Path(results) / _dataset_name(Path(results), args.d)
+        specs = resolve_models(results, dataset_folder.name, args.m, args.p, args.c, args.tr_suffix, args.chk)
+        rule_file = dataset_folder / POSTPROCESSING_FILE
+        fusion = fusion_settings_from_args(args, rule_file if rule_file.is_file() else None)
+        if fusion.label_rules and not args.postprocessing:
+            print(f"{PROG}: post-processing per label from {rule_file}")
         fusion.model_weights(len(specs))
         device = torch.device(args.device)
         _set_threads(device)
@@ -187,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   for spec in specs]
         check_shared_preprocessing(models)
         ensemble = EnsemblePredictor(models, settings)
-        label_values(ensemble.dataset_json, str(specs[0].folder / "dataset.json"))
+        fusion.component_rules(len(label_values(ensemble.dataset_json, str(specs[0].folder / "dataset.json"))))
     except (InputError, ModelError, FusionInputError, ValueError) as err:
         return fail(PROG, str(err))
     output_folder = open_output_folder(PROG, args.o, len(models))
@@ -208,11 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_timings(output_folder, report.timings, model_folders or ())
     if dicom_series:
         report.failures.extend(write_run_outputs(dicom_series, output_folder, cases[0].file_ending, report.done,
-                                                 report.skipped))
+                                                 report.skipped, label_names(ensemble.dataset_json)))
     if model_folders:
         print(f"{PROG}: each model's own predictions: {model_folders[0].parent}")
     code = finish_run(PROG, argv, output_folder, report.rows.values(), len(models), fingerprint, len(report.done),
-                      report.failures)
+                      report.failures, fusion, label_names(ensemble.dataset_json))
     if args.review:
         code = max(code, review(output_folder, output_folder / "review", {c.case: c.path for c in cases}, PROG))
     return code

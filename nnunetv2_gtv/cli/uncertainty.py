@@ -2,8 +2,10 @@
 
 Reads folders written by ``nnUNetv2_predict ... --save_probabilities`` (or ``nnUNetv2_train --val --npz``)
 and writes per case, on the original image grid: the fused segmentation (mean probability, argmax,
-connected-component rule), the vote entropy map (Mei et al. eq. 6), optionally the mean foreground
-probability, plus summary.json / summary.csv with each model's volume and the VVC (eq. 7).
+connected-component rule per label), the vote entropy map (Mei et al. eq. 6), optionally the mean foreground
+probability, plus summary.json / summary.csv with each model's volume and the VVC (eq. 7), for the case and,
+with several labels, per label. Probabilities that gtv-predict saved for a model run in a region carry that box:
+the model is left out of the fusion outside it, as gtv-predict fuses.
 
 Exit codes: 0 all cases fused; 1 some cases failed (listed); 2 unusable inputs or output folder.
 """
@@ -92,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: warning: {message}", file=sys.stderr)
         cases = match_cases(folders, args.allow_missing)
         check_outside_inputs(args.o, args.i)
-    except (FusionInputError, OutputFolderError) as err:
+        settings.component_rules(folders[0].dataset_info.num_labels)
+    except (FusionInputError, OutputFolderError, ValueError) as err:
         return fail(PROG, str(err))
     output_folder = open_output_folder(PROG, args.o, len(folders))
     if output_folder is None:
@@ -127,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if row is not None:
                 rows[case] = row
     return finish_run(PROG, argv, output_folder, rows.values(), len(folders), fingerprint,
-                      len(my_cases) - len(failures), failures)
+                      len(my_cases) - len(failures), failures, settings, dataset.label_names)
 
 
 if __name__ == "__main__":

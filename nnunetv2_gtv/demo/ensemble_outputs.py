@@ -59,8 +59,7 @@ def simulate_case(label_path: Path, output_folder: Path, num_models: int, rng: n
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -(np.nan_to_num(share * np.log(share)) + np.nan_to_num((1 - share) * np.log(1 - share)))
     fused = (share > 0.5).astype(np.uint8)
-    removed = filter_components(fused, settings.connectivity, settings.components, settings.min_component_ml,
-                                voxel_ml)
+    removed = sum(filter_components(fused, settings.connectivity, settings.component_rules(2), voxel_ml).values())
     case = label_path.name[: -len(ENDING)]
     for array, name in ((fused, case), (entropy.astype(np.float32), f"{case}_entropy")):
         image = sitk.GetImageFromArray(array)

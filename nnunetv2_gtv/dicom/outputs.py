@@ -1,5 +1,7 @@
-"""DICOM outputs of a case: ``<case>_RTSTRUCT.dcm`` (ROIs "GTV" and "GTV_uncertain") and ``<case>_SEG.dcm``
-(segment "GTV"), from the fused segmentation and vote-entropy images on the CT series' grid.
+"""DICOM outputs of a case: ``<case>_RTSTRUCT.dcm`` (one ROI per label, named as in ``dataset.json``, plus
+``<label>_uncertain``, or ``uncertain`` with several labels: where the models disagree) and ``<case>_SEG.dcm``
+(one segment per label), from the fused segmentation and vote-entropy images on the CT series' grid. Codes and
+colours per label: :mod:`nnunetv2_gtv.dicom.labels`.
 
 The images may be stored in another axis order or with flipped axes (e.g. a NIfTI converted from the series):
 they are taken onto the series' grid by nearest-neighbour resampling, which is exact when every CT voxel
@@ -14,15 +16,16 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_gtv.dicom.labels import label_coding
 from nnunetv2_gtv.dicom.rtstruct import Roi, write_rtstruct
 from nnunetv2_gtv.dicom.seg import write_seg
 from nnunetv2_gtv.dicom.series import DicomInputError, DicomSeries, reference_image
 from nnunetv2_gtv.ensemble.fusion import ENTROPY_SUFFIX
+from nnunetv2_gtv.label_colours import UNCERTAIN_COLOUR
 
 RTSTRUCT_SUFFIX = "_RTSTRUCT.dcm"
 SEG_SUFFIX = "_SEG.dcm"
-GTV_COLOR = (255, 0, 0)
-UNCERTAIN_COLOR = (255, 200, 0)
+BINARY_LABEL_NAMES = ("background", "GTV")
 GRID_TOLERANCE_VOXELS = 0.01  # NIfTI stores its geometry in float32
 
 
@@ -65,22 +68,33 @@ def on_series_grid(image: sitk.Image, series: DicomSeries, name: str) -> np.ndar
 
 
 def write_dicom_outputs(series: DicomSeries, segmentation: sitk.Image, entropy: sitk.Image | None,
-                        folder: str | os.PathLike, case: str) -> tuple[Path, Path]:
-    """Write ``<case>_RTSTRUCT.dcm`` and ``<case>_SEG.dcm`` into ``folder``; returns their paths."""
+                        folder: str | os.PathLike, case: str, label_names: Sequence[str] = BINARY_LABEL_NAMES
+                        ) -> tuple[Path, Path]:
+    """Write ``<case>_RTSTRUCT.dcm`` and ``<case>_SEG.dcm`` into ``folder``; returns their paths. ``label_names``
+    names label values 0..K (dataset.json's labels in value order); a value beyond them is an error."""
     rtstruct_file, seg_file = dicom_output_files(case, folder)
-    gtv = on_series_grid(segmentation, series, f"{case} segmentation") > 0
-    rois = [Roi("GTV", gtv, GTV_COLOR, "GTV", "fused GTV of the multi-scale ensemble (largest component)")]
+    labels = on_series_grid(segmentation, series, f"{case} segmentation")
+    unknown = sorted(set(np.unique(labels).tolist()) - set(range(len(label_names))))
+    if unknown:
+        raise DicomInputError(f"{case} segmentation: labels {unknown} are not in the dataset's labels "
+                              f"{list(label_names)}")
+    codings = [label_coding(name, value) for value, name in enumerate(label_names) if value > 0]
+    rois = [Roi(c.name, labels == value, c.colour, c.interpreted_type,
+                f"{c.name}: fused label {value} of the multi-scale ensemble")
+            for value, c in enumerate(codings, start=1)]
     if entropy is not None:
         uncertain = on_series_grid(entropy, series, f"{case} entropy") > 1e-6
-        rois.append(Roi("GTV_uncertain", uncertain, UNCERTAIN_COLOR, "",
+        name = f"{codings[0].name}_uncertain" if len(codings) == 1 else "uncertain"
+        rois.append(Roi(name, uncertain, UNCERTAIN_COLOUR, "",
                         "voxels where the ensemble's models disagree (vote entropy > 0); not a treatment volume"))
     write_rtstruct(series, rois, rtstruct_file)
-    write_seg(series, gtv, seg_file)
+    write_seg(series, labels, codings, seg_file)
     return rtstruct_file, seg_file
 
 
 def write_run_outputs(series_by_case: dict[str, DicomSeries], output_folder: str | os.PathLike, file_ending: str,
-                      done: Sequence[str], skipped: Sequence[str], log: Callable[[str], None] = print) -> list[str]:
+                      done: Sequence[str], skipped: Sequence[str], label_names: Sequence[str] = BINARY_LABEL_NAMES,
+                      log: Callable[[str], None] = print) -> list[str]:
     """RTSTRUCT and SEG of every case with a series that this run finished (``done``), or finished before
     (``skipped`` by --continue) without its DICOM files; from the fused images in ``output_folder``. Returns one
     error message per case that failed (its DICOM files are removed)."""
@@ -94,7 +108,8 @@ def write_run_outputs(series_by_case: dict[str, DicomSeries], output_folder: str
         try:
             entropy_file = folder / f"{case}{ENTROPY_SUFFIX}{file_ending}"
             entropy = sitk.ReadImage(str(entropy_file)) if entropy_file.is_file() else None
-            write_dicom_outputs(series, sitk.ReadImage(str(folder / f"{case}{file_ending}")), entropy, folder, case)
+            write_dicom_outputs(series, sitk.ReadImage(str(folder / f"{case}{file_ending}")), entropy, folder, case,
+                                label_names)
             written += 1
         except Exception as err:  # noqa: BLE001 - pydicom/highdicom/SimpleITK: that case fails, the run goes on
             for file in files:

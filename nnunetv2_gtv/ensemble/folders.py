@@ -31,6 +31,7 @@ class DatasetInfo:
     num_labels: int
     reader_writer: str = "SimpleITKIO"
     transpose_backward: tuple[int, ...] = (0, 1, 2)
+    label_names: tuple[str, ...] = ()  # name of label value 0..C-1 (dataset.json); empty: "label_<value>"
 
     @classmethod
     def from_jsons(cls, plans: dict, dataset_json: dict, where: str = "dataset.json") -> "DatasetInfo":
@@ -39,7 +40,12 @@ class DatasetInfo:
             num_labels=len(label_values(dataset_json, where)),
             reader_writer=plans["image_reader_writer"],
             transpose_backward=tuple(plans["transpose_backward"]),
+            label_names=tuple(label_names(dataset_json, where)),
         )
+
+    def name_of(self, label: int) -> str:
+        """The label's name in dataset.json (``label_<value>`` when unknown)."""
+        return self.label_names[label] if label < len(self.label_names) else f"label_{label}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,13 @@ def label_values(dataset_json: dict, where: str = "dataset.json") -> list[int]:
     if values != list(range(len(values))) or len(values) < 2:
         raise FusionInputError(f"{where}: labels must be consecutive integers 0..C-1 with C >= 2, got {values}")
     return values
+
+
+def label_names(dataset_json: dict, where: str = "dataset.json") -> list[str]:
+    """The names of label values 0..C-1 in dataset.json, in value order (checked as ``label_values``)."""
+    label_values(dataset_json, where)
+    by_value = {int(v): k for k, v in dataset_json["labels"].items() if k != "ignore"}
+    return [by_value[value] for value in sorted(by_value)]
 
 
 def _npz_dirs(path: Path) -> list[Path]:

@@ -13,7 +13,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -21,15 +21,37 @@ from scipy.special import xlogy
 
 from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
-from nnunetv2_gtv.ensemble.probability_file import open_probabilities
+from nnunetv2_gtv.ensemble.probability_file import open_probabilities, read_region
 from nnunetv2_gtv.ensemble.writing import write_image
 
 CHUNK_VOXELS = 1 << 20  # 4 MiB of float32 per streamed chunk
 CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy generate_binary_structure(3, rank)
 COMPONENT_RULES = ("largest", "all", "min_volume")
+AUTO_COMPONENTS = "auto"  # largest component with one foreground label, every component with several
+OUTSIDE_REGION_RULES = ("abstain", "background")
 ENTROPY_MODES = ("votes", "mean_probability")
 ENTROPY_SUFFIX = "_entropy"
 PROBABILITY_SUFFIX = "_probability"
+
+Ranges = tuple[tuple[int, int], ...]  # half-open (start, stop) per array axis (z, y, x) of a box
+
+
+@dataclass(frozen=True)
+class ComponentRule:
+    """The connected-component rule of one label: ``largest`` keeps its largest component, ``all`` everything,
+    ``min_volume`` the components larger than ``min_component_ml``."""
+
+    rule: str = "largest"
+    min_component_ml: float = 0.0
+
+    def __post_init__(self):
+        if self.rule not in COMPONENT_RULES:
+            raise ValueError(f"component rule must be one of {COMPONENT_RULES}, got {self.rule!r}")
+        if not math.isfinite(self.min_component_ml) or self.min_component_ml < 0:
+            raise ValueError(f"min_component_ml must be >= 0, got {self.min_component_ml}")
+
+    def describe(self) -> str:
+        return f"min_volume > {self.min_component_ml:g} ml" if self.rule == "min_volume" else self.rule
 
 
 @dataclass(frozen=True)
@@ -39,8 +61,16 @@ class FusionSettings:
     weights: one positive weight per model (None: equal). Weights act on the mean probability (fused
         segmentation, probability map, ``mean_probability`` entropy); vote entropy and VVC count every
         model once, as in the paper.
-    components: ``largest`` keeps the largest connected component of the foreground (all foreground labels
-        together), ``all`` keeps everything, ``min_volume`` keeps components larger than ``min_component_ml``.
+    components: the connected-component rule of every label without a rule in ``label_rules``: ``auto`` (the
+        default) keeps the largest component when the dataset has one foreground label (the paper) and every
+        component when it has several (a node must never be deleted because the primary is larger); ``largest``,
+        ``all`` or ``min_volume`` (components larger than ``min_component_ml``) for every label. Each label's
+        components are found on its own mask.
+    label_rules: (label, ComponentRule) pairs, e.g. chosen per label on cross-validation (``gtv-postprocessing``).
+    outside_region: where a voxel lies outside a model's region (gtv-predict runs Local and Middle models in their
+        sampling region only), ``abstain``: the model is left out of the mean probability and the votes there
+        (weights renormalised over the models that cover the voxel); ``background``: it counts as a background
+        vote with probability 1 (the behaviour before region-aware fusion).
     entropy: ``votes`` = eq. 6 over the models' argmax labels; ``mean_probability`` = entropy of the mean map.
     vvc_threshold: ``review`` is set when VVC exceeds it (Fig. 12 of the paper spans VVC 0.06-0.16).
     sum_tolerance: allowed deviation of a model's channel sum from 1 (and below 0 / above 1) per voxel.
@@ -48,8 +78,10 @@ class FusionSettings:
 
     weights: tuple[float, ...] | None = None
     connectivity: int = 6
-    components: str = "largest"
+    components: str = AUTO_COMPONENTS
     min_component_ml: float = 0.0
+    label_rules: tuple[tuple[int, ComponentRule], ...] = ()
+    outside_region: str = "abstain"
     entropy: str = "votes"
     save_probability: bool = False
     vvc_threshold: float = 0.1
@@ -58,14 +90,20 @@ class FusionSettings:
     def __post_init__(self):
         if self.connectivity not in CONNECTIVITY_RANK:
             raise ValueError(f"connectivity must be one of {sorted(CONNECTIVITY_RANK)}, got {self.connectivity}")
-        if self.components not in COMPONENT_RULES:
-            raise ValueError(f"components must be one of {COMPONENT_RULES}, got {self.components!r}")
+        if self.components not in (AUTO_COMPONENTS, *COMPONENT_RULES):
+            raise ValueError(f"components must be one of {(AUTO_COMPONENTS, *COMPONENT_RULES)}, "
+                             f"got {self.components!r}")
         if self.entropy not in ENTROPY_MODES:
             raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {self.entropy!r}")
+        if self.outside_region not in OUTSIDE_REGION_RULES:
+            raise ValueError(f"outside_region must be one of {OUTSIDE_REGION_RULES}, got {self.outside_region!r}")
         if self.min_component_ml < 0:
             raise ValueError(f"min_component_ml must be >= 0, got {self.min_component_ml}")
         if self.weights is not None and not all(math.isfinite(w) and w > 0 for w in self.weights):
             raise ValueError(f"weights must be positive finite numbers, got {list(self.weights)}")
+        labels = [label for label, _ in self.label_rules]
+        if len(set(labels)) != len(labels) or any(label < 1 for label in labels):
+            raise ValueError(f"label rules need distinct foreground labels (>= 1), got {labels}")
 
     def model_weights(self, num_models: int) -> tuple[float, ...]:
         if self.weights is None:
@@ -74,10 +112,40 @@ class FusionSettings:
             raise ValueError(f"{len(self.weights)} weights given for {num_models} models")
         return tuple(float(w) for w in self.weights)
 
+    def component_rules(self, num_labels: int) -> dict[int, ComponentRule]:
+        """The rule of each foreground label 1..num_labels-1."""
+        foreground = range(1, num_labels)
+        unknown = sorted(set(dict(self.label_rules)) - set(foreground))
+        if unknown:
+            raise ValueError(f"post-processing rules for labels {unknown}, but the dataset's labels are "
+                             f"0..{num_labels - 1}")
+        if self.components == AUTO_COMPONENTS:
+            default = ComponentRule("largest" if num_labels == 2 else "all")
+        else:
+            default = ComponentRule(self.components, self.min_component_ml)
+        explicit = dict(self.label_rules)
+        return {label: explicit.get(label, default) for label in foreground}
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """One foreground label of a case: volumes in ml (None for a model that lacks the case), VVC over the models
+    whose region holds the whole fused label (``vvc_models``, 1-based), components removed by its rule."""
+
+    label: int
+    name: str
+    model_volumes_ml: tuple[float | None, ...]
+    fused_volume_ml: float
+    vvc: float
+    vvc_models: tuple[int, ...]
+    components_removed: int
+    review: bool
+
 
 @dataclass(frozen=True)
 class CaseResult:
-    """Per-case numbers for the summary; volumes in ml, None for a model that lacks the case."""
+    """Per-case numbers for the summary; volumes in ml, None for a model that lacks the case. The case-level
+    numbers pool every foreground label; ``labels`` holds each label's own."""
 
     case: str
     n_models: int
@@ -88,6 +156,15 @@ class CaseResult:
     review: bool
     missing_models: tuple[int, ...]  # 1-based positions of the models that lack the case
     outputs: tuple[Path, ...] = field(default=())
+    labels: tuple[LabelResult, ...] = field(default=())
+
+
+@dataclass
+class ModelMap:
+    """One model's (C, z, y, x) probabilities on the image grid and the box it predicted in (None: everywhere)."""
+
+    probabilities: np.ndarray
+    region: Ranges | None = None
 
 
 def output_files(case: str, output_folder: str | os.PathLike, file_ending: str,
@@ -204,29 +281,62 @@ class ArrayStream:
         return values
 
 
-class _Accumulator:
-    """Running weighted sum of probabilities and per-label vote counts, flat over voxels."""
+def region_mask(region: Ranges | None, shape: Sequence[int]) -> np.ndarray | None:
+    """Flat boolean mask of ``region`` on an array of ``shape``; None when the region covers the whole array."""
+    if region is None or all(lo <= 0 and hi >= n for (lo, hi), n in zip(region, shape)):
+        return None
+    mask = np.zeros(tuple(shape), dtype=bool)
+    mask[tuple(slice(max(0, lo), max(0, hi)) for lo, hi in region)] = True
+    return mask.reshape(-1)
 
-    def __init__(self, num_labels: int, num_voxels: int, num_models: int):
+
+def _count_dtype(num_models: int):
+    return np.uint8 if num_models < 256 else np.uint16
+
+
+class _Accumulator:
+    """Running weighted sum of probabilities and per-label vote counts, flat over voxels.
+
+    A model added with a region contributes only inside it: from the first such model on, a per-voxel sum of the
+    weights and a per-voxel count of the models that cover each voxel are kept, and the mean probability and
+    vote frequencies are taken over the covering models (where none covers a voxel it is background).
+    """
+
+    def __init__(self, num_labels: int, shape: Sequence[int], num_models: int):
         self.num_labels = num_labels
-        self.num_voxels = num_voxels
+        self.shape = tuple(int(n) for n in shape)
+        self.num_voxels = int(np.prod(self.shape))
         self.total_weight = 0.0
         self.num_models = 0
-        self.sum = np.zeros((num_labels, num_voxels), dtype=np.float32)
-        # votes for labels 1..C-1; the background count is num_models minus their sum
-        self.votes = np.zeros((num_labels - 1, num_voxels), dtype=np.uint8 if num_models < 256 else np.uint16)
-        self._running_max = np.empty(num_voxels, dtype=np.float32)
-        self._label = np.empty(num_voxels, dtype=np.uint8 if num_labels <= 256 else np.uint16)
+        self.weight_map: np.ndarray | None = None  # per-voxel weight of the covering models (regions only)
+        self.cover_count: np.ndarray | None = None  # per-voxel number of covering models (regions only)
+        self.sum = np.zeros((num_labels, self.num_voxels), dtype=np.float32)
+        # votes for labels 1..C-1; the background count is the covering models minus their sum
+        self.votes = np.zeros((num_labels - 1, self.num_voxels), dtype=_count_dtype(num_models))
+        self._capacity = num_models
+        self._running_max = np.empty(self.num_voxels, dtype=np.float32)
+        self._label = np.empty(self.num_voxels, dtype=np.uint8 if num_labels <= 256 else np.uint16)
 
-    def add(self, npz: Path, weight: float, tolerance: float) -> int:
-        """Stream one model's npz in; return its number of foreground voxels (argmax of its own probabilities)."""
+    def add(self, npz: Path, weight: float, tolerance: float, region: Ranges | None = None) -> np.ndarray:
+        """Stream one model's npz in; return its voxel count per label inside its region (argmax of its own
+        probabilities)."""
         with open_probabilities(npz) as stream:
-            return self.add_stream(stream, weight, tolerance)
+            return self.add_stream(stream, weight, tolerance, region)
 
-    def add_stream(self, stream, weight: float, tolerance: float) -> int:
+    def _start_region_maps(self) -> None:
+        self.weight_map = np.full(self.num_voxels, self.total_weight, dtype=np.float32)
+        self.cover_count = np.full(self.num_voxels, self.num_models, dtype=_count_dtype(self._capacity))
+
+    def add_stream(self, stream, weight: float, tolerance: float, region: Ranges | None = None) -> np.ndarray:
         """Add one model read from ``stream`` (``ProbabilityStream`` or ``ArrayStream``); see ``add``."""
+        covered = region_mask(region, self.shape)
+        if covered is not None and self.weight_map is None:
+            self._start_region_maps()
         self.total_weight += weight
         self.num_models += 1
+        if self.weight_map is not None:
+            self.weight_map += weight if covered is None else np.float32(weight) * covered
+            self.cover_count += 1 if covered is None else covered
         for channel in range(self.num_labels):
             for part in _chunks(self.num_voxels):
                 values = stream.read(part.stop - part.start)
@@ -236,18 +346,24 @@ class _Accumulator:
                     self._label[part] = 0
                 else:
                     _update_argmax(self._running_max[part], self._label[part], values, channel)
-                self.sum[channel, part] += values if weight == 1.0 else weight * values
+                contribution = values if weight == 1.0 else weight * values
+                if covered is not None:
+                    contribution = np.where(covered[part], contribution, np.float32(0))
+                self.sum[channel, part] += contribution
                 if channel == self.num_labels - 1:
                     self._check_sums(part, weight, tolerance, stream.path)
+        if covered is not None:
+            self._label[~covered] = 0  # a model says nothing outside its region
         for part in _chunks(self.num_voxels):
             label = self._label[part]
             for channel in range(1, self.num_labels):
                 self.votes[channel - 1, part] += label == channel
-        return int(np.count_nonzero(self._label))
+        return np.bincount(self._label, minlength=self.num_labels)
 
     def _check_sums(self, part: slice, weight: float, tolerance: float, npz: Path | str) -> None:
         # every earlier model already summed to 1, so a deviation of the running total is this model's
-        deviation = float(np.abs(self.sum[:, part].sum(axis=0) - self.total_weight).max()) / weight
+        expected = self.total_weight if self.weight_map is None else self.weight_map[part]
+        deviation = float(np.abs(self.sum[:, part].sum(axis=0) - expected).max()) / weight
         if deviation > tolerance:
             raise FusionInputError(f"{npz}: probabilities do not sum to 1 over the "
                                    f"{self.num_labels} channels (off by up to {deviation:.3g})")
@@ -256,10 +372,13 @@ class _Accumulator:
         self._running_max = self._label = None
 
     def release_sums(self) -> None:
-        self.sum = self.votes = None
+        self.sum = self.votes = self.weight_map = self.cover_count = None
+
+    def _weight(self, part: slice) -> np.ndarray | float:
+        return self.total_weight if self.weight_map is None else self.weight_map[part]
 
     def fused_labels(self) -> np.ndarray:
-        """Argmax of the summed (= of the mean) probabilities."""
+        """Argmax of the summed (= of the mean) probabilities; background where no model covers a voxel."""
         labels = np.zeros(self.num_voxels, dtype=np.uint8 if self.num_labels <= 256 else np.uint16)
         for part in _chunks(self.num_voxels):
             best = self.sum[0, part].copy()
@@ -267,21 +386,30 @@ class _Accumulator:
                 _update_argmax(best, labels[part], self.sum[channel, part], channel)
         return labels
 
+    def _mean(self, values: np.ndarray, part: slice) -> np.ndarray:
+        weight = self._weight(part)
+        if np.isscalar(weight):
+            return values / np.float32(weight)
+        return np.divide(values, weight, out=np.zeros(values.shape, np.float32), where=weight > 0)
+
     def mean_foreground_probability(self) -> np.ndarray:
         out = np.empty(self.num_voxels, dtype=np.float32)
         for part in _chunks(self.num_voxels):
-            np.divide(self.sum[1:, part].sum(axis=0), self.total_weight, out=out[part])
+            out[part] = self._mean(self.sum[1:, part].sum(axis=0), part)
         return out
 
     def mean_probability_entropy(self) -> np.ndarray:
         out = np.empty(self.num_voxels, dtype=np.float32)
         for part in _chunks(self.num_voxels):
-            mean = self.sum[:, part] / np.float32(self.total_weight)
+            mean = self._mean(self.sum[:, part], part)
             out[part] = -xlogy(mean, mean).sum(axis=0)
         return out
 
     def vote_entropy(self) -> np.ndarray:
-        """Eq. 6: -sum_n f_n ln f_n over the label-vote frequencies f_n = votes_n / N (natural log)."""
+        """Eq. 6: -sum_n f_n ln f_n over the label-vote frequencies f_n = votes_n / N (natural log); N is the
+        number of models that cover the voxel (0 entropy where none does)."""
+        if self.cover_count is not None:
+            return self._vote_entropy_with_regions()
         n = self.num_models
         counts = np.arange(n + 1)
         table = -xlogy(counts / n, counts / n)  # term of one label for each possible vote count
@@ -294,32 +422,51 @@ class _Accumulator:
             out[part] = entropy
         return out
 
+    def _vote_entropy_with_regions(self) -> np.ndarray:
+        out = np.empty(self.num_voxels, dtype=np.float32)
+        for part in _chunks(self.num_voxels):
+            covering = self.cover_count[part].astype(np.float64)
+            votes = self.votes[:, part].astype(np.float64)
+            counts = np.concatenate([(covering - votes.sum(axis=0))[None], votes])
+            frequencies = np.divide(counts, covering, out=np.zeros_like(counts), where=covering > 0)
+            out[part] = -xlogy(frequencies, frequencies).sum(axis=0)
+        return out
 
-def filter_components(labels: np.ndarray, connectivity: int, rule: str, min_component_ml: float,
-                      voxel_ml: float) -> int:
-    """Apply the connected-component rule to the foreground of ``labels`` (z, y, x) in place.
 
-    All foreground labels form one mask. Returns the number of components removed.
-    """
-    mask = labels > 0
-    if rule == "all" or not mask.any():
-        return 0
-    # label inside the foreground's bounding box only: the GTV is a tiny part of a head-and-neck CT
-    box = tuple(slice(nz[0], nz[-1] + 1) for nz in
-                (np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
+def _label_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a boolean (z, y, x) mask; None when it is empty."""
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    return found[0] if found else None
+
+
+def filter_components(labels: np.ndarray, connectivity: int, rules: Mapping[int, ComponentRule],
+                      voxel_ml: float) -> dict[int, int]:
+    """Apply each label's connected-component rule to that label's own mask in ``labels`` (z, y, x), in place;
+    removed voxels become background. Returns the number of components removed per label."""
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
-    components, count = ndimage.label(mask[box], structure=structure)
-    sizes = np.bincount(components.ravel())[1:]
-    if rule == "largest":
-        keep = np.array([np.argmax(sizes) + 1])
-    else:
-        keep = np.flatnonzero(sizes * voxel_ml > min_component_ml) + 1
-    if len(keep) == count:
-        return 0
-    kept = np.zeros(count + 1, dtype=bool)
-    kept[keep] = True
-    labels[box][~kept[components]] = 0
-    return int(count - len(keep))
+    removed = {}
+    for label, rule in rules.items():
+        removed[label] = 0
+        if rule.rule == "all":
+            continue
+        mask = labels == label
+        box = _label_box(mask)  # label inside the label's bounding box only: a GTV is a tiny part of a CT
+        if box is None:
+            continue
+        components, count = ndimage.label(mask[box], structure=structure)
+        sizes = np.bincount(components.ravel())[1:]
+        if rule.rule == "largest":
+            keep = np.array([np.argmax(sizes) + 1])
+        else:
+            keep = np.flatnonzero(sizes * voxel_ml > rule.min_component_ml) + 1
+        if len(keep) == count:
+            continue
+        kept = np.zeros(count + 1, dtype=bool)
+        kept[0] = True
+        kept[keep] = True
+        labels[box][~kept[components]] = 0
+        removed[label] = int(count - len(keep))
+    return removed
 
 
 def fuse_case(case: str, npz_files: Sequence[str | os.PathLike | None], output_folder: str | os.PathLike,
@@ -327,8 +474,10 @@ def fuse_case(case: str, npz_files: Sequence[str | os.PathLike | None], output_f
     """Fuse one case from N models and write its segmentation and uncertainty maps.
 
     ``npz_files`` holds one nnU-Net ``<case>.npz`` per model (its ``<case>.pkl`` beside it), None where a
-    model lacks the case. Outputs go to ``output_folder`` on the original image grid, written by the
-    reader/writer class of ``dataset`` with the first model's properties, each file atomically.
+    model lacks the case. An npz that gtv-predict wrote also records the box the model predicted in; fusion
+    treats it as gtv-predict does (``FusionSettings.outside_region``). Outputs go to ``output_folder`` on the
+    original image grid, written by the reader/writer class of ``dataset`` with the first model's properties,
+    each file atomically.
     """
     try:
         return _fuse_case(case, [None if f is None else Path(f) for f in npz_files], Path(output_folder), dataset,
@@ -347,21 +496,23 @@ def _fuse_case(case: str, npz_files: list[Path | None], output_folder: Path, dat
     if len(present) < 2:
         warnings.warn(f"case {case}: only one model; uncertainty needs N >= 2, so the vote entropy is all zeros "
                       "and VVC is undefined (written as empty)", SingleModelWarning, stacklevel=3)
-    voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
-    accumulator = _Accumulator(shape[0], int(np.prod(shape[1:])), len(present))
-    volumes: list[float | None] = [None] * len(npz_files)
+    accumulator = _Accumulator(shape[0], shape[1:], len(present))
+    counts: list[np.ndarray | None] = [None] * len(npz_files)
+    regions: list[Ranges | None] = [None] * len(npz_files)
     for i, npz in present:
-        volumes[i] = accumulator.add(npz, weights[i], settings.sum_tolerance) * voxel_ml
-    return _write_fused(case, accumulator, volumes, properties, shape, output_folder, dataset, settings)
+        regions[i] = read_region(npz) if settings.outside_region == "abstain" else None
+        counts[i] = accumulator.add(npz, weights[i], settings.sum_tolerance, regions[i])
+    return _write_fused(case, accumulator, counts, regions, properties, shape, output_folder, dataset, settings)
 
 
-def fuse_probability_maps(case: str, maps: Iterable[np.ndarray], model_names: Sequence[str], properties: dict,
-                          output_folder: str | os.PathLike, dataset: DatasetInfo,
+def fuse_probability_maps(case: str, maps: Iterable[np.ndarray | ModelMap], model_names: Sequence[str],
+                          properties: dict, output_folder: str | os.PathLike, dataset: DatasetInfo,
                           settings: FusionSettings = FusionSettings()) -> CaseResult:
     """``fuse_case`` for probability maps held in memory, one per name in ``model_names``.
 
     Each map is (C, z, y, x) float on the original image grid described by ``properties`` (nnU-Net's, as for
-    ``fuse_case``); ``maps`` may be a generator, so that only one model's map exists at a time.
+    ``fuse_case``), or a ``ModelMap`` that also names the box the model predicted in; ``maps`` may be a
+    generator, so that only one model's map exists at a time.
     """
     try:
         return _fuse_maps(case, maps, list(model_names), properties, Path(output_folder), dataset, settings)
@@ -369,8 +520,8 @@ def fuse_probability_maps(case: str, maps: Iterable[np.ndarray], model_names: Se
         raise FusionInputError(f"case {case}: {err}") from err
 
 
-def _fuse_maps(case: str, maps: Iterable[np.ndarray], names: list[str], properties: dict, output_folder: Path,
-               dataset: DatasetInfo, settings: FusionSettings) -> CaseResult:
+def _fuse_maps(case: str, maps: Iterable[np.ndarray | ModelMap], names: list[str], properties: dict,
+               output_folder: Path, dataset: DatasetInfo, settings: FusionSettings) -> CaseResult:
     if not names:
         raise FusionInputError("no models given")
     weights = settings.model_weights(len(names))
@@ -379,21 +530,47 @@ def _fuse_maps(case: str, maps: Iterable[np.ndarray], names: list[str], properti
     if len(names) < 2:
         warnings.warn(f"case {case}: only one model; uncertainty needs N >= 2, so the vote entropy is all zeros "
                       "and VVC is undefined (written as empty)", SingleModelWarning, stacklevel=3)
-    voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
-    accumulator = _Accumulator(shape[0], int(np.prod(image_shape)), len(names))
-    volumes: list[float | None] = []
-    for name, array in zip(names, maps, strict=True):
-        if tuple(array.shape) != shape:
-            raise FusionInputError(f"{name}: probabilities of shape {tuple(array.shape)}, expected {shape}")
-        volumes.append(accumulator.add_stream(ArrayStream(array, name), weights[len(volumes)],
-                                              settings.sum_tolerance) * voxel_ml)
-        del array  # the generator may now make the next map without this one alive
-    return _write_fused(case, accumulator, volumes, properties, shape, output_folder, dataset, settings)
+    accumulator = _Accumulator(shape[0], image_shape, len(names))
+    counts: list[np.ndarray | None] = []
+    regions: list[Ranges | None] = []
+    for name, item in zip(names, maps, strict=True):
+        model_map = item if isinstance(item, ModelMap) else ModelMap(item)
+        if tuple(model_map.probabilities.shape) != shape:
+            raise FusionInputError(f"{name}: probabilities of shape {tuple(model_map.probabilities.shape)}, "
+                                   f"expected {shape}")
+        regions.append(model_map.region if settings.outside_region == "abstain" else None)
+        counts.append(accumulator.add_stream(ArrayStream(model_map.probabilities, name), weights[len(counts)],
+                                             settings.sum_tolerance, regions[-1]))
+        del item, model_map  # the generator may now make the next map without this one alive
+    return _write_fused(case, accumulator, counts, regions, properties, shape, output_folder, dataset, settings)
 
 
-def _write_fused(case: str, accumulator: _Accumulator, volumes: list[float | None], properties: dict,
-                 shape: tuple[int, ...], output_folder: Path, dataset: DatasetInfo,
-                 settings: FusionSettings) -> CaseResult:
+def _vvc_models(box: tuple[slice, ...] | None, regions: Sequence[Ranges | None], present: Sequence[int]
+                ) -> list[int]:
+    """The models (indices) whose region holds the whole box of a fused label: a model that never saw part of
+    the label would count as disagreeing. All present models when the label is empty or none holds it."""
+    if box is None:
+        return list(present)
+    holding = [i for i in present if regions[i] is None
+               or all(lo <= s.start and s.stop <= hi for (lo, hi), s in zip(regions[i], box))]
+    return holding or list(present)
+
+
+def _label_result(label: int, name: str, counts: Sequence[np.ndarray | None], regions: Sequence[Ranges | None],
+                  segmentation: np.ndarray, removed: int, voxel_ml: float, settings: FusionSettings
+                  ) -> LabelResult:
+    present = [i for i, c in enumerate(counts) if c is not None]
+    volumes = tuple(None if c is None else int(c[label]) * voxel_ml for c in counts)
+    mask = segmentation == label
+    chosen = _vvc_models(_label_box(mask), regions, present)
+    vvc = volume_variation_coefficient([volumes[i] for i in chosen])
+    return LabelResult(label, name, volumes, int(np.count_nonzero(mask)) * voxel_ml, vvc,
+                       tuple(i + 1 for i in chosen), removed, bool(vvc > settings.vvc_threshold))
+
+
+def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray | None],
+                 regions: list[Ranges | None], properties: dict, shape: tuple[int, ...], output_folder: Path,
+                 dataset: DatasetInfo, settings: FusionSettings) -> CaseResult:
     """Fused segmentation, uncertainty map(s) and the case's numbers, from the models added to ``accumulator``."""
     accumulator.release_model_buffers()
     voxel_ml = float(np.prod(properties["spacing"])) / 1000.0
@@ -414,19 +591,24 @@ def _write_fused(case: str, accumulator: _Accumulator, volumes: list[float | Non
     write(entropy, entropy_file)
     del entropy
 
-    removed = filter_components(segmentation, settings.connectivity, settings.components,
-                                settings.min_component_ml, voxel_ml)
+    removed = filter_components(segmentation, settings.connectivity, settings.component_rules(shape[0]), voxel_ml)
     write(segmentation, seg_file)
-    model_volumes = [v for v in volumes if v is not None]
-    vvc = volume_variation_coefficient(model_volumes)
+    labels = tuple(_label_result(label, dataset.name_of(label), counts, regions, segmentation, removed[label],
+                                 voxel_ml, settings) for label in range(1, shape[0]))
+    present = [i for i, c in enumerate(counts) if c is not None]
+    volumes = tuple(None if c is None else int(c[1:].sum()) * voxel_ml for c in counts)
+    chosen = _vvc_models(_label_box(segmentation > 0), regions, present)
+    vvc = volume_variation_coefficient([volumes[i] for i in chosen])
     return CaseResult(
         case=case,
-        n_models=len(model_volumes),
-        model_volumes_ml=tuple(volumes),
+        n_models=len(present),
+        model_volumes_ml=volumes,
         fused_volume_ml=int(np.count_nonzero(segmentation)) * voxel_ml,
         vvc=vvc,
-        components_removed=removed,
-        review=bool(vvc > settings.vvc_threshold or not any(model_volumes)),
-        missing_models=tuple(i + 1 for i, v in enumerate(volumes) if v is None),
+        components_removed=sum(removed.values()),
+        review=bool(vvc > settings.vvc_threshold or not any(volumes[i] for i in present)
+                    or any(result.review for result in labels)),
+        missing_models=tuple(i + 1 for i, c in enumerate(counts) if c is None),
         outputs=(seg_file, entropy_file, *probability_file),
+        labels=labels,
     )

@@ -1,8 +1,9 @@
 """Streaming reader for the ``probabilities`` array in nnU-Net's ``<case>.npz`` files.
 
 nnU-Net writes ``np.savez_compressed(file, probabilities=p)`` with ``p`` float32, shape (C, z, y, x) and
-C-order. ``np.load`` would inflate the whole member into a fresh array; reading the member here once, in
-chunks of one channel's flat voxel range, lets the caller accumulate without ever holding a second map.
+C-order (gtv-predict adds ``region``, the box a model predicted in). ``np.load`` would inflate the whole member
+into a fresh array; reading the member here once, in chunks of one channel's flat voxel range, lets the caller
+accumulate without ever holding a second map.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 
 MEMBER = "probabilities.npy"
+REGION_MEMBER = "region.npy"  # written by gtv-predict beside the probabilities of a model run in a region
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
@@ -70,3 +72,21 @@ def open_probabilities(path: str | os.PathLike) -> Iterator[ProbabilityStream]:
                     f"{path}: 'probabilities' must be a C-order float array (C, z, y, x) as nnU-Net writes it; "
                     f"found shape {shape}, dtype {dtype}, fortran_order={fortran_order}")
             yield ProbabilityStream(path, fp, tuple(int(s) for s in shape), dtype)
+
+
+def read_region(path: str | os.PathLike) -> tuple[tuple[int, int], ...] | None:
+    """The box a model predicted in, as gtv-predict records it beside the probabilities (``region``: half-open
+    (start, stop) per axis of the image grid); None when the file has none (the model saw the whole image)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if REGION_MEMBER not in archive.namelist():
+                return None
+            with archive.open(REGION_MEMBER) as fp:
+                region = np.lib.format.read_array(fp, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise FusionInputError(f"{path}: corrupt 'region' array ({err})") from err
+    if region.shape != (3, 2) or region.dtype.kind not in "iu":
+        raise FusionInputError(f"{path}: 'region' must be 3 x 2 integers (start, stop per axis), found "
+                               f"{region.dtype} {region.shape}")
+    return tuple((int(lo), int(hi)) for lo, hi in region)

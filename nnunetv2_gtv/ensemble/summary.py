@@ -25,9 +25,21 @@ VERSIONED_DISTRIBUTIONS = {"nnunetv2_gtv": "nnunetv2-gtv", "nnunetv2": "nnunetv2
                            "numpy": "numpy", "SimpleITK": "SimpleITK"}
 
 
-def csv_columns(num_models: int) -> list[str]:
-    return (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, num_models + 1)]
-            + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models"])
+def csv_columns(num_models: int, label_names: Sequence[str] = ()) -> list[str]:
+    """The summary's columns: the case-level ones (every foreground label pooled), then, with more than one
+    foreground label (``label_names``), each label's own (``<column>_<label name>``)."""
+    columns = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, num_models + 1)]
+               + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models"])
+    for name in label_names:
+        columns += ([f"volume_ml_model_{i}_{name}" for i in range(1, num_models + 1)]
+                    + [f"volume_ml_fused_{name}", f"vvc_{name}", f"vvc_models_{name}", f"components_removed_{name}",
+                       f"review_{name}"])
+    return columns
+
+
+def label_columns(rows: Sequence[dict]) -> list[str]:
+    """The label names of the per-label columns that summary rows hold (none for one foreground label)."""
+    return [key[len("volume_ml_fused_"):] for key in (rows[0] if rows else {}) if key.startswith("volume_ml_fused_")]
 
 
 def _rounded(value: float | None) -> float | None:
@@ -45,6 +57,17 @@ def case_row(result: CaseResult) -> dict:
         "review": result.review,
         "missing_models": list(result.missing_models),
     })
+    if len(result.labels) > 1:  # one foreground label: its numbers are the case's
+        for label in result.labels:
+            row.update({f"volume_ml_model_{i}_{label.name}": _rounded(v)
+                        for i, v in enumerate(label.model_volumes_ml, start=1)})
+            row.update({
+                f"volume_ml_fused_{label.name}": _rounded(label.fused_volume_ml),
+                f"vvc_{label.name}": _rounded(label.vvc),
+                f"vvc_models_{label.name}": list(label.vvc_models),
+                f"components_removed_{label.name}": label.components_removed,
+                f"review_{label.name}": label.review,
+            })
     return row
 
 
@@ -113,7 +136,7 @@ def write_summaries(output_folder: str | os.PathLike, rows: Sequence[dict], num_
                            folder / "summary.json")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    columns = csv_columns(num_models)
+    columns = csv_columns(num_models, label_columns(rows))
     writer.writerow(columns)
     writer.writerows([[_csv_cell(row[c]) for c in columns] for row in rows])
     csv_file = write_text(buffer.getvalue(), folder / "summary.csv")

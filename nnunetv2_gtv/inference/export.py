@@ -2,25 +2,28 @@
 
 Every model's logits go through nnU-Net's own export (``convert_predicted_logits_to_segmentation_with_correct_shape``:
 resampling, softmax, un-cropping, transpose), exactly as ``nnUNetv2_predict --save_probabilities`` computes its
-npz, and straight into gtv-uncertainty's fusion: one model's probability map exists at a time.
+npz, and straight into gtv-uncertainty's fusion: one model's probability map exists at a time. A model that ran in
+a region (its sampling region, or the body's box) hands fusion that box on the CT's grid too, so that the ensemble
+leaves it out where it did not look (:func:`region_on_image_grid`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from nnunetv2_gtv.ensemble.errors import SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
-from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, fuse_probability_maps
+from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, ModelMap, Ranges, fuse_probability_maps
 from nnunetv2_gtv.ensemble.summary import fuse_and_record
 from nnunetv2_gtv.ensemble.writing import write_file, write_image, write_text
 
@@ -46,6 +49,40 @@ class ExportJob:
     dataset: DatasetInfo
     fusion: FusionSettings
     fingerprint: dict
+    model_regions: list[Ranges | None] | None = None  # each model's box on the preprocessed grid (None: whole)
+    preprocessed_shape: tuple[int, ...] = ()
+
+
+def _covered_range(start: int, stop: int, preprocessed: int, cropped: int) -> tuple[int, int]:
+    """The voxels of a resampled axis (``cropped`` long) whose interpolation reads only samples ``start..stop-1``
+    of the preprocessed axis (``preprocessed`` long), with nnU-Net's (skimage's) centre mapping
+    u = (i + 0.5) * preprocessed / cropped - 0.5; a box that reaches an end of the axis keeps that end."""
+    scale = preprocessed / cropped
+    low = 0 if start <= 0 else math.ceil((start + 0.5) / scale - 0.5 - 1e-9)
+    high = cropped if stop >= preprocessed else math.floor((stop - 0.5) / scale - 0.5 + 1e-9) + 1
+    low, high = min(max(low, 0), cropped), min(max(high, 0), cropped)
+    return low, max(low, high)
+
+
+def region_on_image_grid(region: Ranges, preprocessed_shape: Sequence[int], properties: dict,
+                         transpose_backward: Sequence[int], permutation: Sequence[int] | None = None) -> Ranges:
+    """A box on the preprocessed grid -> the box of the CT's own grid whose voxels the model's prediction there
+    determines: resampling undone (only voxels interpolated from inside the box), nnU-Net's crop undone (a box that
+    reaches the crop's edge reaches the image's edge: nnU-Net gives background outside the crop), then its axis
+    order (``transpose_backward``) and gtv-predict's reordering of non-axial CTs (``permutation``) undone."""
+    cropped_shape = properties["shape_after_cropping_and_before_resampling"]
+    full_shape = properties["shape_before_cropping"]
+    crop = properties["bbox_used_for_cropping"]
+    transposed = []
+    for axis, (start, stop) in enumerate(region):
+        low, high = _covered_range(start, stop, int(preprocessed_shape[axis]), int(cropped_shape[axis]))
+        offset = int(crop[axis][0])
+        transposed.append((0 if start <= 0 else offset + low,
+                           int(full_shape[axis]) if stop >= preprocessed_shape[axis] else offset + high))
+    ranges = [transposed[a] for a in transpose_backward]
+    if permutation is not None:
+        ranges = [ranges[a] for a in np.argsort(permutation)]
+    return tuple((int(low), int(high)) for low, high in ranges)
 
 
 def model_predictions_folder(output_folder: str | os.PathLike, trainer: str, fold: int | str) -> Path:
@@ -60,11 +97,15 @@ def prepare_model_predictions_folder(folder: Path, plans: dict, dataset_json: di
 
 
 def _save_model_prediction(folder: Path, case: str, segmentation: np.ndarray, probabilities: np.ndarray,
-                           properties: dict, dataset: DatasetInfo) -> None:
-    """What nnUNetv2_predict --save_probabilities writes: ``<case>.npz``, ``<case>.pkl``, the segmentation."""
+                           region: Ranges | None, properties: dict, dataset: DatasetInfo) -> None:
+    """What nnUNetv2_predict --save_probabilities writes: ``<case>.npz``, ``<case>.pkl``, the segmentation; the npz
+    also holds ``region`` (the box the model predicted in) when it ran in one, which gtv-uncertainty reads."""
     write_image(segmentation, folder / f"{case}{dataset.file_ending}", dataset.file_ending, properties,
                 dataset.reader_writer)
-    write_file(folder / f"{case}.npz", lambda f: np.savez_compressed(f, probabilities=probabilities))
+    arrays = {"probabilities": probabilities}
+    if region is not None:
+        arrays["region"] = np.asarray(region, dtype=np.int64)
+    write_file(folder / f"{case}.npz", lambda f: np.savez_compressed(f, **arrays))
     write_file(folder / f"{case}.pkl", lambda f: pickle.dump(properties, f))
 
 
@@ -77,15 +118,19 @@ def _each_once(logits: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield from logits
 
 
-def _probability_maps(job: ExportJob):
-    """Yield each model's probabilities on the CT's grid, releasing its logits first."""
+def _probability_maps(job: ExportJob) -> Iterator[ModelMap]:
+    """Yield each model's probabilities on the CT's grid (with its region there), releasing its logits first."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
     plans_manager = PlansManager(job.plans)
     configuration_manager = ConfigurationManager(job.configuration)
     label_manager = plans_manager.get_label_manager(job.dataset_json)
-    for folder, logits in zip(job.model_folders, _each_once(job.logits)):
+    regions = job.model_regions or [None] * len(job.model_folders)
+    for folder, region, logits in zip(job.model_folders, regions, _each_once(job.logits)):
+        if region is not None:
+            region = region_on_image_grid(region, job.preprocessed_shape, job.properties,
+                                          plans_manager.transpose_backward, job.permutation)
         segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, plans_manager, configuration_manager, label_manager, job.properties,
             return_probabilities=True, num_threads_torch=torch.get_num_threads())
@@ -95,10 +140,10 @@ def _probability_maps(job: ExportJob):
             segmentation = np.ascontiguousarray(segmentation.transpose(inverse))
             probabilities = np.ascontiguousarray(probabilities.transpose(0, *(1 + a for a in inverse)))
         if folder is not None:
-            _save_model_prediction(folder, job.case, segmentation, probabilities, job.output_properties,
+            _save_model_prediction(folder, job.case, segmentation, probabilities, region, job.output_properties,
                                    job.dataset)
         del segmentation
-        yield probabilities
+        yield ModelMap(probabilities, region)
 
 
 def export_case(job: ExportJob) -> tuple[str, dict | None, str | None, float]:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_gtv.ensemble.errors import FusionInputError
-from nnunetv2_gtv.ensemble.folders import DatasetInfo, label_values
+from nnunetv2_gtv.ensemble.folders import DatasetInfo, label_names, label_values
 from nnunetv2_gtv.ensemble.fusion import FusionSettings, output_files
 from nnunetv2_gtv.ensemble.summary import load_row
 from nnunetv2_gtv.ensemble.writing import write_text
@@ -86,7 +86,8 @@ def dataset_info(ensemble: EnsemblePredictor, case: InputCase) -> DatasetInfo:
     plans = ensemble.plans_manager.plans
     return DatasetInfo(file_ending=case.file_ending, num_labels=len(label_values(ensemble.dataset_json)),
                        reader_writer=plans["image_reader_writer"],
-                       transpose_backward=tuple(plans["transpose_backward"]))
+                       transpose_backward=tuple(plans["transpose_backward"]),
+                       label_names=tuple(label_names(ensemble.dataset_json)))
 
 
 def case_fingerprint(run_fingerprint: dict, case: InputCase) -> dict:
@@ -271,10 +272,12 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
             continue
         timing.preprocessing = time.perf_counter() - start
         stream = LogitsStream() if exporter.streams else []
+        regions = [ensemble.model_region(model, prepared.data, prepared.boxes) for model in ensemble.models]
         finish = exporter.start(ExportJob(case.case, stream, labels, model_folders, prepared.properties,
                                           prepared.output_properties, prepared.permutation, plans,
                                           ensemble.configuration_manager.configuration, ensemble.dataset_json,
-                                          output_folder, dataset_info(ensemble, case), fusion, fingerprint))
+                                          output_folder, dataset_info(ensemble, case), fusion, fingerprint,
+                                          regions, tuple(prepared.data.shape[1:])))
         try:
             for model in ensemble.models:
                 progress.set_description(f"{case.case} {model.label}")

@@ -19,7 +19,8 @@ from nnunetv2_gtv.training.regions import (
     compute_regions, superior_axis_from_direction,
 )
 
-# foreground logit outside a model's region: softmax gives background probability 1 (and fits float16)
+# foreground logit outside a model's region: softmax gives background probability 1 (and fits float16); the
+# region-aware fusion leaves the model out there instead (``model_region``), nnU-Net's own tools read background
 OUTSIDE_FOREGROUND_LOGIT = -1e4
 
 
@@ -64,9 +65,20 @@ class EnsemblePredictor:
                                   air_threshold=air_threshold_from_plans(plans))
         return {**regions.boxes, "global": regions.body_box}, regions.warnings
 
+    @staticmethod
+    def model_box(model: LoadedModel, boxes: Mapping[str, Box]) -> Box:
+        """The box ``model`` runs in: its sampling region's, else the global one."""
+        return boxes.get(model.sampling_region, boxes["global"])
+
+    def model_region(self, model: LoadedModel, data: torch.Tensor, boxes: Mapping[str, Box]
+                     ) -> tuple[tuple[int, int], ...] | None:
+        """The box ``model`` runs in on the preprocessed grid; None when it is the whole image."""
+        box = self.model_box(model, boxes)
+        return None if box.shape == tuple(data.shape[1:]) else box.ranges
+
     def predict_logits(self, model: LoadedModel, data: torch.Tensor, boxes: Mapping[str, Box]) -> np.ndarray:
         """(C, z, y, x) float16 logits of ``model`` on the preprocessed grid, as nnU-Net's predictor makes them."""
-        box = boxes.get(model.sampling_region, boxes["global"])
+        box = self.model_box(model, boxes)
         predictor = model.predictor
         patch_size = predictor.configuration_manager.patch_size
         tile = tile_shape(self.settings.tile, patch_size, box.shape, model.required_divisor)

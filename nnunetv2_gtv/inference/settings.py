@@ -26,8 +26,8 @@ class InferenceSettings:
     step_size: sliding-window step as a fraction of the tile (nnU-Net's -step_size, 1 = no overlap).
     mirroring: test-time mirroring along the axes the trainer allows (nnU-Net's default; off = --disable_tta).
     restrict_to_region: Local and Middle models predict only inside their sampling region (head, head and
-        neck), Global models inside the body's bounding box (10 mm margin); outside it their background
-        probability is 1.
+        neck), Global models inside the body's bounding box (10 mm margin); outside it the fusion leaves them out
+        (``FusionSettings.outside_region``), and their own saved predictions read background probability 1.
     bfloat16: on the CPU, run the networks under bfloat16 autocast (fast on CPUs with native bfloat16, e.g.
         AVX512-BF16 or AMX; slightly different numbers, see ``PRECISIONS``). On CUDA nnU-Net autocasts to float16.
     """
