@@ -60,6 +60,7 @@ def test_tables_match_hand_computed_values(folders, tmp_path, capsys):
     assert rows["shifted"]["assd_mm"]["mean"] == pytest.approx(1.75)  # mean of 0.5 .. 3.0
     assert rows["shifted"]["assd_mm"]["std"] == pytest.approx(np.sqrt(np.sum((shifts - 1.75) ** 2) / 5))
     assert rows["shifted"]["hd95_mm"]["mean"] == pytest.approx(1.75)
+    assert rows["shifted"]["nsd"]["mean"] == pytest.approx(100 * 2 / 6)  # shifts of 0.5 and 1.0 mm are within 1 mm
     assert rows["grown"]["dice"]["mean"] == pytest.approx(200 / 3) and rows["grown"]["dice"]["std"] == pytest.approx(0, abs=1e-9)
     assert rows["grown"]["rve_percent"]["mean"] == pytest.approx(100)
     assert rows["grown"]["assd_mm"]["mean"] == pytest.approx(0.5 / 3)
@@ -73,9 +74,10 @@ def test_tables_match_hand_computed_values(folders, tmp_path, capsys):
     assert float(table["grown"]["dice_mean"]) == pytest.approx(66.6667, abs=1e-3)
     assert float(table["shifted"]["assd_mm_p"]) == pytest.approx(0.03125)
     markdown = (out / "comparison.md").read_text()
-    assert "| grown | 66.67 ± 0.00 | 0.17 ± 0.00 | 0.48 ± 0.00 | 100.00 ± 0.00 | – |" in markdown
-    assert "| exact | 100.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 3.50 ± 1.87 |" in markdown
-    for metric in ("dice", "assd_mm", "hd95_mm", "rve_percent"):
+    assert "| grown | 66.67 ± 0.00 | 100.00 ± 0.00 | 0.17 ± 0.00 | 0.48 ± 0.00 | 100.00 ± 0.00 | – |" in markdown
+    assert ("| exact | 100.00 ± 0.00 | 100.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 3.50 ± 1.87 |"
+            in markdown)
+    for metric in ("dice", "nsd", "assd_mm", "hd95_mm", "rve_percent"):
         assert (out / f"box_{metric}.png").read_bytes()[:4] == b"\x89PNG"
     assert "Training (min)" not in markdown
 
@@ -139,3 +141,39 @@ def test_unusable_inputs_are_refused_with_exit_2_and_nothing_written(folders, tm
     refused(["-i", exact, shifted, "-r", reference], "'exact' has labels [0, 1] but 'shifted' has [0, 1, 2]")
     code, err = _run(["-i", exact, shifted, "-r", reference, "-o", exact / "report"], capsys)
     assert code == 2 and "must not be (inside) the input" in err and not (exact / "report").exists()
+
+
+def test_every_label_gets_its_row_and_the_table_their_mean(tmp_path, capsys):
+    """GTVp exact in both inputs; GTVnd exact in 'good', missed in 'missed': per label 100/100 and 100/0 Dice, the
+    case-level mean 100 and 50."""
+    dataset = json.dumps({"labels": {"background": 0, "GTVp": 1, "GTVnd": 2}, "file_ending": ".nii.gz"})
+    for k in range(1, 4):
+        case = f"case_{k}.nii.gz"
+        for name in ("reference", "good"):
+            _write(tmp_path / name / case, [(2, 4, 4), (2, 4, 5)])
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / case)))
+            array[6, 1, 1] = 2
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(SPACING_XYZ)
+            sitk.WriteImage(image, str(tmp_path / name / case))
+        _write(tmp_path / "missed" / case, [(2, 4, 4), (2, 4, 5)])
+    for name in ("good", "missed"):
+        (tmp_path / name / "dataset.json").write_text(dataset)
+    out = tmp_path / "out"
+    code, _ = _run(["-i", f"good={tmp_path / 'good'}", f"missed={tmp_path / 'missed'}", "-r", tmp_path / "reference",
+                    "-o", out], capsys)
+    assert code == 0
+    doc = json.loads((out / "comparison.json").read_text())
+    assert doc["labels"] == {"1": "GTVp", "2": "GTVnd"}
+    rows = {row["name"]: row for row in doc["summary"]}
+    assert rows["good"]["dice"]["mean"] == 100 and rows["missed"]["dice"]["mean"] == 50
+    assert rows["missed"]["per_label"]["GTVp"]["dice"]["mean"] == 100
+    assert rows["missed"]["per_label"]["GTVnd"]["dice"]["mean"] == 0
+    markdown = (out / "comparison.md").read_text()
+    assert "labels GTVp, GTVnd" in markdown and "| GTVnd | missed | 0.00 ± 0.00 |" in markdown
+    with open(out / "comparison_per_case.csv", newline="") as handle:
+        assert {row["label"] for row in csv.DictReader(handle)} == {"GTVp", "GTVnd"}
+    code, _ = _run(["-i", f"good={tmp_path / 'good'}", f"missed={tmp_path / 'missed'}", "-r", tmp_path / "reference",
+                    "-o", tmp_path / "nodes", "--label", "2"], capsys)
+    rows = {row["name"]: row for row in json.loads((tmp_path / "nodes" / "comparison.json").read_text())["summary"]}
+    assert code == 0 and rows["missed"]["dice"]["mean"] == 0 and "per_label" not in rows["missed"]

@@ -350,7 +350,7 @@ def test_cli_end_to_end_values_match_independent_computation(fused_folder, capsy
     assert dice["n"] == 3 and dice["mean"] == pytest.approx(np.mean(list(EXPECTED_DICE.values())), abs=1e-6)
     assert dice["std"] == pytest.approx(np.std(list(EXPECTED_DICE.values()), ddof=1), abs=1e-6)
     assert doc["summary"]["model_1"]["dice"]["mean"] == 1.0
-    assert {"case": "case_c", "source": "fused", "empty": "prediction"} in doc["empty_masks"]
+    assert {"case": "case_c", "source": "fused", "label": "label_1", "empty": "prediction"} in doc["empty_masks"]
     assert any("not_there" in note for note in doc["notes"])
 
     rate = doc["error_rate"]
@@ -556,3 +556,76 @@ def test_cli_missing_images_folder_fails_naming_it(overlay_folder, capsys):
     missing = fused.parent / "no_such_images"
     assert main(["-p", str(fused), "-r", str(labels), "--images", str(missing)]) == 2
     assert f"{missing}: CT images folder does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- several labels
+
+
+def brute_nsd(pred: np.ndarray, ref: np.ndarray, spacing, tolerance: float) -> float:
+    pairwise = cdist(brute_surface_points(pred, spacing), brute_surface_points(ref, spacing))
+    within = (pairwise.min(axis=1) <= tolerance).sum() + (pairwise.min(axis=0) <= tolerance).sum()
+    return within / sum(pairwise.shape)
+
+
+@pytest.fixture
+def two_label_folder(tmp_path):
+    """GTVp as the binary cases above, plus a GTVnd node that case_b misses and case_a shifts."""
+    fused_dir, labels = tmp_path / "fused", tmp_path / "labels"
+    fused_dir.mkdir()
+    labels.mkdir()
+    node = box((1, 3), (15, 18), (18, 21)) * 2
+    shifted = box((1, 3), (16, 19), (18, 21)) * 2
+    nodes = {"case_a": shifted, "case_b": np.zeros(SHAPE, np.uint8), "case_c": node}
+    rows = []
+    for case, fused in FUSED.items():
+        write_image(labels / f"{case}.nii.gz", REF + node)
+        write_image(fused_dir / f"{case}.nii.gz", fused + nodes[case])
+        rows.append({"case": case, "vvc": 0.1, "vvc_GTVp": VVC[case], "vvc_GTVnd": {"a": 0.2, "b": 0.9, "c": 0.1}[case[-1]]})
+    with open(fused_dir / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (fused_dir / "summary.json").write_text(json.dumps({"inputs": [], "label_names": ["background", "GTVp", "GTVnd"],
+                                                        "cases": rows}))
+    return fused_dir, labels, nodes, node
+
+
+def test_every_label_is_scored_in_one_run_with_nsd_and_its_own_vvc(two_label_folder, capsys):
+    fused_dir, labels, nodes, node = two_label_folder
+    assert main(["-p", str(fused_dir), "-r", str(labels), "--nsd-tolerance-mm", "1.5"]) == 0
+    out = fused_dir / "evaluation"
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = {(r["case"], r["label_name"]): r for r in csv.DictReader(handle)}
+    assert len(rows) == 6
+    expected_dice = {}
+    for case, fused in FUSED.items():
+        for name, prediction, reference in (("GTVp", fused, REF), ("GTVnd", nodes[case], node)):
+            row = rows[(case, name)]
+            pred, ref = prediction.astype(bool), reference.astype(bool)
+            dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
+            expected_dice[(case, name)] = dice
+            assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+            nsd = brute_nsd(pred, ref, SPACING_ZYX, 1.5) if pred.any() else 0.0
+            assert float(row["nsd"]) == pytest.approx(nsd, abs=1e-6)  # metrics.csv keeps 6 digits
+        assert float(rows[(case, "GTVnd")]["vvc"]) == {"a": 0.2, "b": 0.9, "c": 0.1}[case[-1]]
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["labels"]["evaluated"] == {"1": "GTVp", "2": "GTVnd"}
+    node_dice = [expected_dice[(c, "GTVnd")] for c in FUSED]
+    assert doc["summary_per_label"]["GTVnd"]["fused"]["dice"]["mean"] == pytest.approx(np.mean(node_dice))
+    case_mean = [(expected_dice[(c, "GTVp")] + expected_dice[(c, "GTVnd")]) / 2 for c in FUSED]
+    assert doc["summary"]["fused"]["dice"]["mean"] == pytest.approx(np.mean(case_mean))
+    per_label = doc["vvc_vs_1_minus_dice_per_label"]
+    assert per_label["GTVnd"]["vvc"] == [0.2, 0.9, 0.1]
+    assert per_label["GTVnd"]["spearman_rho"] == pytest.approx(1.0)  # the missed node has the highest VVC
+    assert per_label["GTVp"]["vvc"] == list(VVC.values())
+    for name in ("GTVp", "GTVnd"):
+        assert (out / f"vvc_vs_1_minus_dice_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "Per label:" in report and "| GTVnd | fused | 3 |" in report and "| case_b | GTVnd | 0.0000 |" in report
+
+    assert main(["-p", str(fused_dir), "-r", str(labels), "--label", "2", "-o", str(fused_dir / "nodes")]) == 0
+    only = json.loads((fused_dir / "nodes" / "evaluation.json").read_text())
+    assert {row["label_name"] for row in only["metrics"]} == {"GTVnd"}
+    assert only["summary"]["fused"]["dice"]["mean"] == pytest.approx(np.mean(node_dice))
+    assert main(["-p", str(fused_dir), "-r", str(labels), "--label", "3", "-o", str(fused_dir / "none")]) == 2
+    assert "--label 3 is not a foreground label" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """``gtv-compare``: several models' segmentations of the same cases against one reference, as the paper's tables
-(Dice %, ASSD, HD95, RVE %, mean ± sd, paired Wilcoxon tests against a baseline, box plots)."""
+(Dice %, NSD %, ASSD, HD95, RVE %, mean ± sd, paired Wilcoxon tests against a baseline, box plots), every label on
+its own and their mean."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-r", "--reference", required=True, type=Path, help="folder of reference labels <case>")
     parser.add_argument("-o", "--output", required=True, type=Path, help="folder for the comparison files")
     parser.add_argument("--baseline", help="input NAME the others are tested against (default: the first)")
-    parser.add_argument("--label", type=int, default=1, help="foreground label to compare (default: 1)")
+    parser.add_argument("--label", type=int,
+                        help="compare this foreground label only (default: every foreground label, each on its own, "
+                             "and each case's mean over them)")
     parser.add_argument("--training-minutes", nargs="+", default=[], metavar="NAME=MINUTES",
                         help="minutes each named input's training took: a column of the table")
     return parser

@@ -1,4 +1,5 @@
-"""``gtv-evaluate``: Dice, ASSD, HD95, RVE, error rate per uncertainty level and VVC against 1 - Dice of a fused folder."""
+"""``gtv-evaluate``: Dice, NSD, ASSD, HD95, RVE per label and their mean, error rate per uncertainty level and VVC
+against 1 - Dice (per label) of a fused folder."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
+from nnunetv2_gtv.evaluation.metrics import NSD_TOLERANCE_MM
 from nnunetv2_gtv.evaluation.pipeline import UNKNOWN_LABEL_RULES, EvaluationSettings, evaluate_folder, \
     unknown_labels_text
 from nnunetv2_gtv.evaluation.report import REPORT_NAME, write_report
@@ -19,7 +21,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="fused output folder of gtv-uncertainty (<case>, <case>_entropy, summary.csv/json)")
     parser.add_argument("-r", "--reference", required=True, type=Path, help="folder of reference labels <case>")
     parser.add_argument("-o", "--output", type=Path, help="report folder (default: PREDICTIONS/evaluation)")
-    parser.add_argument("--label", type=int, default=1, help="foreground label to evaluate (default: 1)")
+    parser.add_argument("--label", type=int,
+                        help="evaluate this foreground label only (default: every foreground label of the dataset, "
+                             "each on its own, and their mean)")
+    parser.add_argument("--nsd-tolerance-mm", type=float, default=NSD_TOLERANCE_MM,
+                        help="tolerance of the normalised surface Dice in mm (default: %(default)s, as SegRap2023)")
     parser.add_argument("--error-region", choices=REGION_KINDS, default="bbox",
                         help="where pixel errors are counted: bbox = bounding box of prediction, reference and "
                              "entropy > 0 grown by --margin-mm; body = CT > --body-threshold (needs --images); "
@@ -44,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = EvaluationSettings(args.label, args.error_region, args.margin_mm, args.images, args.body_threshold,
-                                  args.entropy_decimals, args.skip_missing, args.unknown_labels)
+                                  args.entropy_decimals, args.skip_missing, args.unknown_labels, args.nsd_tolerance_mm)
     output = args.output or args.predictions / "evaluation"
     command = shlex.join(["gtv-evaluate", *(sys.argv[1:] if argv is None else argv)])
     try:

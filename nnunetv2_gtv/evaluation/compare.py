@@ -2,8 +2,9 @@
 
 Each input is a prediction folder (``<case><file_ending>`` segmentations, e.g. of ``nnUNetv2_predict`` or
 ``gtv-predict``) or a ``gtv-evaluate`` output folder (its ``metrics.csv`` rows of the fused segmentation are
-used, after checking that it was evaluated against the same reference and label). Per case: Dice, ASSD, HD95,
-RVE (:mod:`nnunetv2_gtv.evaluation.metrics`); per input: mean ± sample sd over the cases, and a paired
+used, after checking that it was evaluated against the same reference and labels). Per case and label: Dice, NSD,
+ASSD, HD95, RVE (:mod:`nnunetv2_gtv.evaluation.metrics`); every foreground label is scored on its own, and the
+case-level value is the case's mean over its labels. Per input: mean ± sample sd over the cases, and a paired
 two-sided Wilcoxon signed-rank test (scipy) of each input against the baseline (default: the first) over the
 cases where both values are finite. With fewer than 6 paired cases a two-sided Wilcoxon test cannot reach
 p < 0.05 (its smallest p is 2 / 2^n), so such p-values are flagged. Inference seconds per case are taken from
@@ -47,8 +48,8 @@ SECONDS = "seconds"
 TRAINING_MINUTES = "training_minutes"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison_per_case.csv")
 # paper's units: Dice in percent, distances in mm, RVE in percent
-TABLE_METRICS = {"dice": ("Dice (%)", 100.0, 2), "assd_mm": ("ASSD (mm)", 1.0, 2), "hd95_mm": ("HD95 (mm)", 1.0, 2),
-                 "rve_percent": ("RVE (%)", 1.0, 2)}
+TABLE_METRICS = {"dice": ("Dice (%)", 100.0, 2), "nsd": ("NSD (%)", 100.0, 2), "assd_mm": ("ASSD (mm)", 1.0, 2),
+                 "hd95_mm": ("HD95 (mm)", 1.0, 2), "rve_percent": ("RVE (%)", 1.0, 2)}
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,12 @@ class Comparison:
     """Per-case metrics of every input (same cases for all) and what the tables are made from."""
 
     reference: Path
-    label: int
+    labels: dict[int, str]  # the compared foreground labels and their names
     baseline: str
     inputs: list[CompareInput]
     cases: list[str]
-    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # name -> case -> metric -> value
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)  # name -> case -> metric -> mean over labels
+    label_metrics: dict[str, dict[str, dict[str, dict]]] = field(default_factory=dict)  # name -> label -> case -> ...
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> case -> inference seconds
     training_minutes: dict[str, float] = field(default_factory=dict)  # name -> minutes its training took
     notes: list[str] = field(default_factory=list)
@@ -123,22 +125,25 @@ def _timings(folder: Path) -> dict[str, float]:
         return {row["case"]: parse_float(row[SECONDS]) for row in reader}
 
 
-def _evaluation_metrics(item: CompareInput, reference: Path, label: int) -> tuple[dict[str, dict], Path]:
-    """Fused rows of a gtv-evaluate output, checked to be against ``reference`` and ``label``."""
+def _evaluation_metrics(item: CompareInput, reference: Path) -> tuple[dict[str, dict[str, dict]], set[str], Path]:
+    """Fused rows of a gtv-evaluate output (label name -> case -> metric), checked to be against ``reference``;
+    also the label names it evaluated and its predictions folder."""
     doc_path = item.folder / EVALUATION_JSON
     try:
         doc = json.loads(doc_path.read_text())
-        evaluated_against, evaluated_label = Path(doc["inputs"]["reference"]), int(doc["settings"]["label"])
+        evaluated_against = Path(doc["inputs"]["reference"])
         predictions = Path(doc["inputs"]["predictions"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise EvaluationInputError(f"{doc_path}: not a gtv-evaluate report ({error})") from None
     if evaluated_against.resolve() != reference.resolve():
         raise EvaluationInputError(f"{doc_path}: evaluated against {evaluated_against}, not the reference {reference}")
-    if evaluated_label != label:
-        raise EvaluationInputError(f"{doc_path}: evaluated label {evaluated_label}, not --label {label}")
+    by_label: dict[str, dict[str, dict]] = {}
     with open(item.folder / METRICS_CSV, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("source") == FUSED]
-    return {row["case"]: {name: parse_float(row.get(name)) for name in METRIC_NAMES} for row in rows}, predictions
+        for row in csv.DictReader(handle):
+            if row.get("source") == FUSED:
+                by_label.setdefault(row.get("label_name") or "label_1", {})[row["case"]] = \
+                    {name: parse_float(row.get(name)) for name in METRIC_NAMES}
+    return by_label, set(by_label), predictions
 
 
 def _check_same_cases(found: dict[str, list[str]]) -> list[str]:
@@ -155,8 +160,9 @@ def _check_same_cases(found: dict[str, list[str]]) -> list[str]:
 
 
 def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], reference_values: set[int],
-                  label: int) -> None:
-    """One label set for all inputs: the declared sets (dataset.json) agree, observed values lie within it."""
+                  label: int | None) -> set[int]:
+    """One label set for all inputs: the declared sets (dataset.json) agree, observed values lie within it; returns
+    the label set."""
     sets = list(declared.items())
     for name, labels in sets[1:]:
         if labels != sets[0][1]:
@@ -167,13 +173,39 @@ def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], 
         if not values <= allowed:
             raise EvaluationInputError(f"'{name}' holds labels {sorted(values - allowed)} that are not in the label "
                                        f"set {sorted(allowed)}: compare models of one label set")
-    if label not in allowed:
-        raise EvaluationInputError(f"--label {label} is not in the label set {sorted(allowed)}")
+    if label is not None and (label not in allowed or label == 0):
+        raise EvaluationInputError(f"--label {label} is not a foreground label of the label set {sorted(allowed)}")
+    return allowed
 
 
-def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int = 1,
+def _declared_names(folders: Sequence[Path]) -> dict[int, str]:
+    """Label value -> name from the first dataset.json among ``folders`` that has labels."""
+    for folder in folders:
+        path = folder / "dataset.json"
+        if path.is_file():
+            try:
+                labels = json.loads(path.read_text()).get("labels") or {}
+                return {int(v): k for k, v in labels.items() if not isinstance(v, list)}
+            except (OSError, ValueError, TypeError):
+                continue
+    return {}
+
+
+def _mean_over_labels(by_label: Mapping[str, Mapping[str, dict]], cases: Sequence[str]) -> dict[str, dict]:
+    """case -> metric -> mean over the labels where it is finite (NaN where it is for none)."""
+    means = {}
+    for case in cases:
+        means[case] = {}
+        for metric in METRIC_NAMES:
+            values = [rows[case][metric] for rows in by_label.values() if math.isfinite(rows[case][metric])]
+            means[case][metric] = float(np.mean(values)) if values else float("nan")
+    return means
+
+
+def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int | None = None,
                     baseline: str | None = None, training_minutes: Mapping[str, float] | None = None) -> Comparison:
-    """Per-case metrics of every input against ``reference``; raises EvaluationInputError on unusable inputs."""
+    """Per-case metrics of every input against ``reference``, for ``label`` or (None) every foreground label;
+    raises EvaluationInputError on unusable inputs."""
     reference = Path(reference)
     names = [item.name for item in inputs]
     unknown = sorted(set(training_minutes or {}) - set(names))
@@ -193,11 +225,12 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
         if not item.folder.is_dir():
             raise EvaluationInputError(f"{item.folder}: folder of input '{item.name}' does not exist")
 
-    evaluations, prediction_folders, endings, found = {}, {}, {}, {}
+    evaluations, evaluated_labels, prediction_folders, endings, found = {}, {}, {}, {}, {}
     for item in inputs:
         if _is_evaluation(item.folder):
-            evaluations[item.name], prediction_folders[item.name] = _evaluation_metrics(item, reference, label)
-            found[item.name] = list(evaluations[item.name])
+            evaluations[item.name], evaluated_labels[item.name], prediction_folders[item.name] = \
+                _evaluation_metrics(item, reference)
+            found[item.name] = sorted({case for rows in evaluations[item.name].values() for case in rows})
         else:
             prediction_folders[item.name] = item.folder
             endings[item.name] = detect_file_ending(item.folder)
@@ -205,7 +238,6 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
             if not found[item.name]:
                 raise EvaluationInputError(f"{item.folder}: no segmentations <case>{endings[item.name]}")
     cases = _check_same_cases(found)
-    result = Comparison(reference, label, baseline, list(inputs), cases, training_minutes=dict(training_minutes or {}))
     ending = next(iter(endings.values()), None) or detect_file_ending(reference)
     references = {case: find_image(reference, case, ending) for case in cases}
     missing = [f"{case}{ending}" for case, path in references.items() if path is None]
@@ -215,8 +247,8 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
 
     declared = {item.name: labels for item in inputs
                 if item.name in endings and (labels := _declared_labels(item.folder)) is not None}
-    observed: dict[str, set[int]] = {name: set() for name in endings}
     reference_values: set[int] = set()
+    observed: dict[str, set[int]] = {name: set() for name in endings}
     for case in cases:
         ref = read_volume(references[case])
         reference_values |= set(np.unique(ref.array).tolist())
@@ -224,12 +256,29 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
             prediction = read_volume(prediction_folders[name] / f"{case}{file_ending}")
             check_same_grid(prediction, ref)
             observed[name] |= set(np.unique(prediction.array).tolist())
-            values = compute_metrics(prediction.array == label, ref.array == label, ref.spacing_zyx)
-            result.metrics.setdefault(name, {})[case] = {n: getattr(values, n) for n in METRIC_NAMES}
-    _check_labels(declared, observed, reference_values, label)
+    allowed = _check_labels(declared, observed, reference_values, label)
+    label_names = _declared_names([prediction_folders[n] for n in endings])
+    compared = [label] if label is not None else sorted(v for v in allowed if v > 0)
+    labels = {value: label_names.get(value, f"label_{value}") for value in compared}
+    result = Comparison(reference, labels, baseline, list(inputs), cases, training_minutes=dict(training_minutes or {}))
+    for name, file_ending in endings.items():
+        by_label: dict[str, dict[str, dict]] = {labels[v]: {} for v in compared}
+        for case in cases:
+            ref = read_volume(references[case])
+            prediction = read_volume(prediction_folders[name] / f"{case}{file_ending}").array
+            for value in compared:
+                metrics = compute_metrics(prediction == value, ref.array == value, ref.spacing_zyx)
+                by_label[labels[value]][case] = {n: getattr(metrics, n) for n in METRIC_NAMES}
+        result.label_metrics[name] = by_label
+    for name in evaluations:
+        wanted = set(labels.values())
+        if not wanted <= evaluated_labels[name]:
+            raise EvaluationInputError(f"'{name}' (a gtv-evaluate output) evaluated labels "
+                                       f"{sorted(evaluated_labels[name])}, not {sorted(wanted)}: evaluate it with the "
+                                       "same labels")
+        result.label_metrics[name] = {n: evaluations[name][n] for n in labels.values()}
     for name in names:
-        if name in evaluations:
-            result.metrics[name] = evaluations[name]
+        result.metrics[name] = _mean_over_labels(result.label_metrics[name], cases)
         timings = _timings(prediction_folders[name]) if prediction_folders[name].is_dir() else {}
         if timings:
             result.seconds[name] = {case: timings.get(case, float("nan")) for case in cases}
@@ -255,21 +304,31 @@ def paired_test(values: Sequence[float], baseline: Sequence[float]) -> dict:
     return {"p": p, "n": n, "few_cases": n < MIN_PAIRED_CASES}
 
 
+def _metric_row(result: Comparison, name: str, per_case: Mapping[str, dict], base: Mapping[str, dict]) -> dict:
+    row = {}
+    for metric, (_, scale, _) in TABLE_METRICS.items():
+        values = [per_case[case][metric] * scale for case in result.cases]
+        base_values = [base[case][metric] * scale for case in result.cases]
+        row[metric] = summarise(values)
+        row[f"{metric}_test"] = None if name == result.baseline else paired_test(values, base_values)
+    return row
+
+
 def summary_rows(result: Comparison) -> list[dict]:
-    """Per input: mean/sd per metric (paper units), the test against the baseline, mean inference seconds."""
+    """Per input: mean/sd per metric (paper units; each case's mean over the labels), the test against the
+    baseline, mean inference seconds; with several labels also each label's (``per_label``)."""
     rows = []
     for item in result.inputs:
-        per_case = result.metrics[item.name]
         row = {"name": item.name, "folder": str(item.folder), "cases": len(result.cases),
                "baseline": item.name == result.baseline}
-        for metric, (_, scale, _) in TABLE_METRICS.items():
-            values = [per_case[case][metric] * scale for case in result.cases]
-            base = [result.metrics[result.baseline][case][metric] * scale for case in result.cases]
-            row[metric] = summarise(values)
-            row[f"{metric}_test"] = None if item.name == result.baseline else paired_test(values, base)
+        row.update(_metric_row(result, item.name, result.metrics[item.name], result.metrics[result.baseline]))
         seconds = result.seconds.get(item.name)
         row[SECONDS] = summarise([seconds[c] for c in result.cases]) if seconds else None
         row[TRAINING_MINUTES] = result.training_minutes.get(item.name)
+        if len(result.labels) > 1:
+            row["per_label"] = {label: _metric_row(result, item.name, result.label_metrics[item.name][label],
+                                                   result.label_metrics[result.baseline][label])
+                                for label in result.labels.values()}
         rows.append(row)
     return rows
 
@@ -289,7 +348,7 @@ def _p_text(test: dict | None) -> str:
 
 
 def markdown(result: Comparison, rows: list[dict], command: str) -> str:
-    """comparison.md: the table (mean ± sd) and the p-values against the baseline."""
+    """comparison.md: the table (mean ± sd) and the p-values against the baseline; per label with several labels."""
     header = ["Method"] + [label for label, _, _ in TABLE_METRICS.values()] + ["Time per case (s)"]
     table = [[row["name"]] + [_mean_sd(row[m], digits) for m, (_, _, digits) in TABLE_METRICS.items()]
              + [_mean_sd(row[SECONDS], 2)] for row in rows]
@@ -299,10 +358,18 @@ def markdown(result: Comparison, rows: list[dict], command: str) -> str:
             line.append("–" if row[TRAINING_MINUTES] is None else f"{row[TRAINING_MINUTES]:.1f}")
     p_header = ["Method"] + [f"p {label}" for label, _, _ in TABLE_METRICS.values()]
     p_table = [[row["name"]] + [_p_text(row[f"{m}_test"]) for m in TABLE_METRICS] for row in rows]
+    several = len(result.labels) > 1
+    labels = ("labels " + ", ".join(result.labels.values()) + " (each case's mean over them)" if several
+              else f"label {next(iter(result.labels))}")
     lines = ["# Comparison", "", f"`{command}`", "",
-             f"{len(result.cases)} cases, label {result.label}, reference `{result.reference}`; mean ± sample sd "
-             "over cases.", ""]
+             f"{len(result.cases)} cases, {labels}, reference `{result.reference}`; mean ± sample sd over cases.", ""]
     lines += _table(header, table)
+    if several:
+        label_table = [[label, row["name"]] + [_mean_sd(row["per_label"][label][m], digits)
+                                               for m, (_, _, digits) in TABLE_METRICS.items()]
+                       for label in result.labels.values() for row in rows]
+        lines += ["", "Per label:", ""]
+        lines += _table(["Label", "Method"] + [label for label, _, _ in TABLE_METRICS.values()], label_table)
     lines += ["", f"Paired two-sided Wilcoxon signed-rank tests against **{result.baseline}** (scipy); with fewer "
               f"than {MIN_PAIRED_CASES} paired cases p cannot fall below 0.05 and is flagged.", ""]
     lines += _table(p_header, p_table)
@@ -326,14 +393,17 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
                                                 if row[f"{m}_test"] else ("", "")))]
         + ([row[SECONDS]["mean"], row[SECONDS]["std"]] if row[SECONDS] else ["", ""])
         + ["" if row[TRAINING_MINUTES] is None else row[TRAINING_MINUTES]] for row in rows])
-    _write_csv(per_case_csv, ["method", "case", *METRIC_NAMES, SECONDS], [
-        [item.name, case] + [result.metrics[item.name][case][m] for m in METRIC_NAMES]
+    _write_csv(per_case_csv, ["method", "case", "label", *METRIC_NAMES, SECONDS], [
+        [item.name, case, label] + [metrics[case][m] for m in METRIC_NAMES]
         + [result.seconds.get(item.name, {}).get(case, float("nan"))]
-        for item in result.inputs for case in result.cases])
-    doc = {"command": command, "reference": str(result.reference), "label": result.label,
+        for item in result.inputs for label, metrics in result.label_metrics[item.name].items()
+        for case in result.cases])
+    doc = {"command": command, "reference": str(result.reference),
+           "labels": {str(value): name for value, name in result.labels.items()},
            "baseline": result.baseline, "cases": result.cases, "units": {m: label for m, (label, _, _)
                                                                          in TABLE_METRICS.items()},
            "min_paired_cases": MIN_PAIRED_CASES, "summary": rows, "per_case": result.metrics,
+           "per_case_per_label": result.label_metrics,
            "seconds": result.seconds, TRAINING_MINUTES: result.training_minutes, "notes": result.notes}
     with atomic_output(json_file) as tmp:
         tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))

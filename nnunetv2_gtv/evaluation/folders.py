@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_gtv.ensemble.errors import FusionInputError
-from nnunetv2_gtv.ensemble.folders import label_values
+from nnunetv2_gtv.ensemble.folders import label_names, label_values
 from nnunetv2_gtv.file_modes import make_shareable
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -156,13 +156,17 @@ def model_folders(summary: dict | None, fused_dir: Path) -> list[ModelFolder]:
 
 @dataclass(frozen=True)
 class LabelSet:
-    """The label values a segmentation of the dataset may hold, and where they were read."""
+    """The label values a segmentation of the dataset may hold, their names, and where they were read."""
 
     values: tuple[int, ...]
     source: str
+    names: tuple[str, ...] = ()  # of each value in ``values``; empty: ``label_<value>``
 
     def __str__(self) -> str:
         return "{" + ", ".join(str(v) for v in self.values) + "}"
+
+    def name_of(self, value: int) -> str:
+        return self.names[self.values.index(value)] if self.names and value in self.values else f"label_{value}"
 
 
 def _dataset_json_candidates(fused_dir: Path, summary: dict | None, models: list[ModelFolder]) -> list[Path]:
@@ -180,18 +184,25 @@ def _dataset_json_candidates(fused_dir: Path, summary: dict | None, models: list
     return candidates
 
 
-def find_label_set(fused_dir: Path, summary: dict | None, models: list[ModelFolder], label: int) -> LabelSet:
-    """The ``labels`` of the first dataset.json found for the predictions; without one, background and ``label``."""
+def find_label_set(fused_dir: Path, summary: dict | None, models: list[ModelFolder], label: int | None = None
+                   ) -> LabelSet:
+    """The ``labels`` of the first dataset.json found for the predictions, else the ``label_names`` that
+    gtv-predict and gtv-uncertainty write into summary.json; without either, background and ``label`` (1 when
+    None)."""
     for path in _dataset_json_candidates(fused_dir, summary, models):
         if path.is_file():
             dataset = _read_json(path)
             if "labels" in dataset:
                 try:
-                    return LabelSet(tuple(label_values(dataset, str(path))), str(path))
+                    return LabelSet(tuple(label_values(dataset, str(path))), str(path),
+                                    tuple(label_names(dataset, str(path))))
                 except FusionInputError as error:
                     raise EvaluationInputError(str(error)) from error
-    return LabelSet(tuple(sorted({0, label})), "background and --label: no dataset.json with 'labels' beside the "
-                                               "predictions or their models")
+    names = (summary or {}).get("label_names")
+    if isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names):
+        return LabelSet(tuple(range(len(names))), f"{fused_dir / 'summary.json'} (label_names)", tuple(names))
+    return LabelSet(tuple(sorted({0, label or 1})), "background and --label: no dataset.json with 'labels' beside "
+                                                    "the predictions or their models")
 
 
 def parse_float(text: str | None) -> float:

@@ -12,13 +12,16 @@ Definitions (Mei et al., eqs. 8-9; distances in mm from the physical voxel spaci
   (sum_s d(s, G) + sum_g d(g, P)) / (|S| + |G|).
 - HD95 = max(p95 of d(s, G) over s, p95 of d(g, P) over g), the larger of the two directed 95th percentiles
   (numpy's default linear interpolation).
+- NSD (normalised surface Dice at tolerance tau, SegRap2023's second metric, default tau = 1 mm) =
+  (|{s: d(s, G) <= tau}| + |{g: d(g, P) <= tau}|) / (|S| + |G|): the share of both surfaces within tau of the
+  other, counting surface voxels (SegRap's script weights surface elements by their area instead).
 - RVE = |V_pred - V_ref| / V_ref, reported in percent.
 
 Empty masks never raise and are never dropped silently:
 
-- both empty: Dice 1, ASSD 0, HD95 0, RVE 0;
-- exactly one empty: Dice 0, ASSD = HD95 = the diagonal of the image's physical extent (a finite penalty that
-  stays in the mean); RVE is 100 % for an empty prediction, undefined (NaN) for an empty reference. A NaN is
+- both empty: Dice 1, NSD 1, ASSD 0, HD95 0, RVE 0 (SegRap scores a structure absent from both as 1);
+- exactly one empty: Dice 0, NSD 0, ASSD = HD95 = the diagonal of the image's physical extent (a finite penalty
+  that stays in the mean); RVE is 100 % for an empty prediction, undefined (NaN) for an empty reference. A NaN is
   excluded from that metric's mean and counted as ``n_undefined`` by :func:`summarise`.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 EMPTY_STATES = ("none", "both", "prediction", "reference")
-METRIC_NAMES = ("dice", "assd_mm", "hd95_mm", "rve_percent")
+METRIC_NAMES = ("dice", "nsd", "assd_mm", "hd95_mm", "rve_percent")
+NSD_TOLERANCE_MM = 1.0  # SegRap2023's
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class CaseMetrics:
     """Metrics of one prediction; ``empty`` is one of :data:`EMPTY_STATES` (which mask, if any, was empty)."""
 
     dice: float
+    nsd: float
     assd_mm: float
     hd95_mm: float
     rve_percent: float
@@ -83,7 +88,14 @@ def directed_surface_distances(
     return to_ref[pred_surface], to_pred[ref_surface]
 
 
-def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> CaseMetrics:
+def dice_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """2 |P & G| / (|P| + |G|) of two boolean masks; 1 when both are empty."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
+
+
+def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...],
+                    nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> CaseMetrics:
     """Metrics of boolean mask ``pred`` against boolean mask ``ref`` on the same grid (spacing in array order)."""
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
@@ -92,18 +104,19 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...
     n_pred, n_ref = int(pred.sum()), int(ref.sum())
     volume_pred, volume_ref = n_pred * voxel_ml, n_ref * voxel_ml
     if n_pred == 0 and n_ref == 0:
-        return CaseMetrics(1.0, 0.0, 0.0, 0.0, 0.0, 0.0, "both")
+        return CaseMetrics(1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, "both")
     if n_pred == 0 or n_ref == 0:
         penalty = image_diagonal_mm(pred.shape, spacing)
         rve = 100.0 if n_pred == 0 else float("nan")
-        return CaseMetrics(0.0, penalty, penalty, rve, volume_pred, volume_ref,
+        return CaseMetrics(0.0, 0.0, penalty, penalty, rve, volume_pred, volume_ref,
                            "prediction" if n_pred == 0 else "reference")
-    dice = 2.0 * int((pred & ref).sum()) / (n_pred + n_ref)
     to_ref, to_pred = directed_surface_distances(pred, ref, spacing)
     assd = float((to_ref.sum() + to_pred.sum()) / (to_ref.size + to_pred.size))
     hd95 = float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
+    within = np.count_nonzero(to_ref <= nsd_tolerance_mm) + np.count_nonzero(to_pred <= nsd_tolerance_mm)
+    nsd = float(within / (to_ref.size + to_pred.size))
     rve = 100.0 * abs(n_pred - n_ref) / n_ref
-    return CaseMetrics(dice, assd, hd95, rve, volume_pred, volume_ref, "none")
+    return CaseMetrics(dice_score(pred, ref), nsd, assd, hd95, rve, volume_pred, volume_ref, "none")
 
 
 def summarise(values: list[float]) -> dict:

@@ -23,7 +23,7 @@ from nnunetv2_gtv.evaluation.folders import (
     read_summary_json,
     read_volume,
 )
-from nnunetv2_gtv.evaluation.metrics import compute_metrics
+from nnunetv2_gtv.evaluation.metrics import NSD_TOLERANCE_MM, compute_metrics
 from nnunetv2_gtv.figures.overlay import Overlay, overlay_views
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS, LevelCount, error_region, level_counts
 
@@ -35,14 +35,15 @@ UNKNOWN_LABEL_RULES = ("refuse", "background")
 class EvaluationSettings:
     """Options of one evaluation; see :mod:`nnunetv2_gtv.evaluation.uncertainty_analysis` for the regions.
 
-    ``label`` is the foreground label the metrics are computed for. ``images_dir`` holds the CT images as
+    ``label`` is the one foreground label to evaluate; None (the default) evaluates every foreground label of the
+    label set, each on its own, and their mean. ``nsd_tolerance_mm`` is the NSD's tolerance. ``images_dir`` holds the CT images as
     ``<case>_0000<file_ending>`` (nnU-Net naming); it is needed by the ``body`` region, and whenever it is
     given every case gets an overlay figure. ``unknown_labels``: what a segmentation value outside the dataset's
     label set does, ``refuse`` (an error naming the file) or ``background`` (counted as background everywhere:
     Dice, volumes, distances and error rates, and listed).
     """
 
-    label: int = 1
+    label: int | None = None
     error_region: str = "bbox"
     margin_mm: float = 10.0
     images_dir: Path | None = None
@@ -50,11 +51,14 @@ class EvaluationSettings:
     entropy_decimals: int = 4
     skip_missing: bool = False
     unknown_labels: str = "refuse"
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM
 
 
 @dataclass
 class EvaluationResult:
-    """Everything the report is made from. ``metrics`` rows hold ``case``, ``source`` and the metric fields."""
+    """Everything the report is made from. ``metrics`` rows hold ``case``, ``source``, ``label``, ``label_name`` and
+    the metric fields, one per evaluated label; ``vvc`` holds each label's VVC per case, ``case_vvc`` the case's
+    (every foreground label pooled; the same as the label's with one label)."""
 
     fused_dir: Path
     labels_dir: Path
@@ -65,7 +69,9 @@ class EvaluationResult:
     cases: list[str] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     level_counts: dict[str, list[LevelCount]] = field(default_factory=dict)
-    vvc: dict[str, float] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)  # evaluated label -> name
+    vvc: dict[int, dict[str, float]] = field(default_factory=dict)  # label -> case -> that label's VVC
+    case_vvc: dict[str, float] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     overlays: dict[str, Overlay] = field(default_factory=dict)
@@ -95,6 +101,8 @@ def _check_settings(settings: EvaluationSettings) -> None:
         _require_dir(settings.images_dir, "CT images")
     if settings.margin_mm < 0:
         raise EvaluationInputError(f"the bounding-box margin must be >= 0 mm, got {settings.margin_mm}")
+    if not settings.nsd_tolerance_mm > 0:
+        raise EvaluationInputError(f"the NSD tolerance must be > 0 mm, got {settings.nsd_tolerance_mm}")
     if settings.unknown_labels not in UNKNOWN_LABEL_RULES:
         raise EvaluationInputError(f"unknown rule {settings.unknown_labels!r} for labels outside the label set; "
                                    f"choose {', '.join(UNKNOWN_LABEL_RULES)}")
@@ -166,7 +174,16 @@ def _level_counts(fused: Volume, reference: Volume, entropy: Volume, ct: Volume 
         raise EvaluationInputError(f"{entropy.path}: {error}")
 
 
-def _model_metrics(case: str, reference: Volume, ref_mask, result: EvaluationResult) -> None:
+def _label_metrics(case: str, source: str, prediction: Volume, reference: Volume, result: EvaluationResult) -> None:
+    """One metrics row per evaluated label of ``prediction`` against ``reference``."""
+    for label, name in result.labels.items():
+        metrics = compute_metrics(prediction.array == label, reference.array == label, reference.spacing_zyx,
+                                  result.settings.nsd_tolerance_mm)
+        result.metrics.append({"case": case, "source": source, "label": label, "label_name": name,
+                               **metrics.as_dict()})
+
+
+def _model_metrics(case: str, reference: Volume, result: EvaluationResult) -> None:
     for model in result.models:
         if model.path is None:
             continue
@@ -176,8 +193,24 @@ def _model_metrics(case: str, reference: Volume, ref_mask, result: EvaluationRes
             continue
         prediction = _read_labels(path, result)
         check_same_grid(prediction, reference)
-        metrics = compute_metrics(prediction.array == result.settings.label, ref_mask, reference.spacing_zyx)
-        result.metrics.append({"case": case, "source": model.name, **metrics.as_dict()})
+        _label_metrics(case, model.name, prediction, reference, result)
+
+
+def _vvc_columns(labels: dict[int, str], summary_rows: dict[str, dict[str, str]]) -> dict[int, str]:
+    """The summary.csv column of each label's VVC: ``vvc_<name>`` where the fusion wrote per-label columns (several
+    labels), else the case's ``vvc`` (one label)."""
+    columns = next(iter(summary_rows.values()), {}).keys()
+    return {label: f"vvc_{name}" if f"vvc_{name}" in columns else "vvc" for label, name in labels.items()}
+
+
+def _evaluated_labels(settings: EvaluationSettings, label_set: LabelSet) -> dict[int, str]:
+    if settings.label is None:
+        foreground = [value for value in label_set.values if value > 0]
+        return {value: label_set.name_of(value) for value in foreground}
+    if settings.label not in label_set.values or settings.label == 0:
+        raise EvaluationInputError(f"--label {settings.label} is not a foreground label of the label set {label_set} "
+                                   f"({label_set.source})")
+    return {settings.label: label_set.name_of(settings.label)}
 
 
 def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSettings = EvaluationSettings()
@@ -195,9 +228,7 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
     models = model_folders(summary, fused_dir)
     result = EvaluationResult(fused_dir, labels_dir, file_ending, settings, models,
                               find_label_set(fused_dir, summary, models, settings.label))
-    if settings.label not in result.label_set.values:
-        raise EvaluationInputError(f"--label {settings.label} is not in the label set {result.label_set} "
-                                   f"({result.label_set.source})")
+    result.labels = _evaluated_labels(settings, result.label_set)
     for model in result.models:
         if model.path is None:
             result.notes.append(f"{model.name}: folder {model.listed_as} (summary.json inputs) not found; "
@@ -205,6 +236,7 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
     summary_rows = read_summary_csv(fused_dir)
     if summary_rows is None:
         result.notes.append(f"{fused_dir / 'summary.csv'} not found: no VVC analysis")
+    vvc_columns = _vvc_columns(result.labels, summary_rows or {})
     references = _references(cases, result)
     if not references:
         raise EvaluationInputError(f"{labels_dir}: none of the {len(cases)} cases has a reference label")
@@ -212,18 +244,21 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
         reference = _read_labels(references[case], result)
         fused = _read_labels(fused_dir / f"{case}{file_ending}", result)
         check_same_grid(fused, reference)
-        ref_mask, fused_mask = reference.array == settings.label, fused.array == settings.label
-        metrics = compute_metrics(fused_mask, ref_mask, reference.spacing_zyx)
         result.cases.append(case)
-        result.metrics.append({"case": case, "source": FUSED, **metrics.as_dict()})
+        _label_metrics(case, FUSED, fused, reference, result)
         entropy, ct = _entropy(case, fused, result), _ct(case, reference, result)
         if entropy is not None:
             result.level_counts[case] = _level_counts(fused, reference, entropy, ct, settings)
         if ct is not None:
-            result.overlays[case] = overlay_views(ct.array, fused_mask, ref_mask,
+            evaluated = list(result.labels)
+            result.overlays[case] = overlay_views(ct.array, np.where(np.isin(fused.array, evaluated), fused.array, 0),
+                                                  np.where(np.isin(reference.array, evaluated), reference.array, 0),
                                                   None if entropy is None else entropy.array,
-                                                  reference.spacing_zyx, reference.direction)
+                                                  reference.spacing_zyx, reference.direction, result.labels)
         if summary_rows is not None:
-            result.vvc[case] = parse_float(summary_rows.get(case, {}).get("vvc"))
-        _model_metrics(case, reference, ref_mask, result)
+            row = summary_rows.get(case, {})
+            result.case_vvc[case] = parse_float(row.get("vvc"))
+            for label, column in vvc_columns.items():
+                result.vvc.setdefault(label, {})[case] = parse_float(row.get(column))
+        _model_metrics(case, reference, result)
     return result

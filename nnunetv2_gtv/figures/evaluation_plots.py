@@ -51,8 +51,9 @@ def error_rate_plot(levels: list[float], per_case: dict[str, list[float]], mean:
     _save(figure, path)
 
 
-def vvc_plot(one_minus_dice: list[float], vvc: list[float], stats: dict, path: Path) -> None:
-    """Scatter of VVC against 1 - Dice, with the correlation coefficients in the title."""
+def vvc_plot(one_minus_dice: list[float], vvc: list[float], stats: dict, path: Path, label: str | None = None
+             ) -> None:
+    """Scatter of VVC against 1 - Dice, with the correlation coefficients in the title (``label``: whose)."""
     figure, axes = _figure(5, 4)
     finite = [(x, y) for x, y in zip(one_minus_dice, vvc) if math.isfinite(x) and math.isfinite(y)]
     if not finite:
@@ -61,8 +62,8 @@ def vvc_plot(one_minus_dice: list[float], vvc: list[float], stats: dict, path: P
         axes.scatter(*zip(*finite), color="tab:red")
         axes.set_xlabel("1 - Dice")
         axes.set_ylabel("VVC")
-    axes.set_title(f"VVC vs 1 - Dice: Pearson r={stats['pearson_r']:.3f}, Spearman rho={stats['spearman_rho']:.3f}",
-                   fontsize=9)
+    axes.set_title(f"{label + ': ' if label else ''}VVC vs 1 - Dice: Pearson r={stats['pearson_r']:.3f}, "
+                   f"Spearman rho={stats['spearman_rho']:.3f}", fontsize=9)
     _save(figure, path)
 
 
