@@ -156,6 +156,41 @@ def test_page_lists_every_case_in_review_priority(fused_example, tmp_path, capsy
     assert [p.name for p in out.iterdir()] == [PAGE_NAME]
 
 
+def add_a_node(fused: Path, case: str) -> np.ndarray:
+    """Label 2 (a node) below the GTV of ``case``, label names and per-label VVC in summary.json: a two-label run."""
+    path = fused / f"{case}.nii.gz"
+    image = sitk.ReadImage(str(path))
+    labels = sitk.GetArrayFromImage(image)
+    z, y, x = np.argwhere(labels == 1).min(axis=0)
+    labels[max(0, z - 3):max(1, z - 1), y:y + 4, x:x + 4] = 2
+    node = sitk.GetImageFromArray(labels)
+    node.CopyInformation(image)
+    sitk.WriteImage(node, str(path))
+    summary = json.loads((fused / "summary.json").read_text())
+    summary["label_names"] = ["background", "GTVp", "GTVnd"]
+    for row in summary["cases"]:
+        row.update(vvc_GTVp=row["vvc"], vvc_GTVnd=0.9 if row["case"] == case else 0.0,
+                   review_GTVnd=row["case"] == case, volume_ml_fused_GTVp=1.0, volume_ml_fused_GTVnd=0.5)
+    (fused / "summary.json").write_text(json.dumps(summary))
+    return labels
+
+
+def test_several_labels_are_drawn_each_in_its_colour_and_ranked_by_their_vvc(fused_example, tmp_path):
+    fused = tmp_path / "fused"
+    shutil.copytree(fused_example["fused"], fused)
+    labels = add_a_node(fused, "case_003")
+    assert main([str(fused), "-o", str(tmp_path / "page")]) == 0
+    data = page_data(tmp_path / "page" / PAGE_NAME)
+    assert data["labels"] == [{"value": 1, "name": "GTVp", "colour": "#ff0000"},
+                              {"value": 2, "name": "GTVnd", "colour": "#0080ff"}]
+    node_case = next(c for c in data["cases"] if c["case"] == "case_003")
+    assert node_case["view"]["labels_present"] == [1, 2]
+    shown = decode(node_case["view"]["gtv"], node_case["view"]["shape"], node_case["view"]["columns"])
+    assert set(np.unique(shown)) == {0, 1, 2} and np.count_nonzero(shown == 2) == np.count_nonzero(labels == 2)
+    highest = [(not c["row"]["review"], -max(c["row"]["vvc"] or 0.0, c["row"]["vvc_GTVnd"])) for c in data["cases"]]
+    assert highest == sorted(highest)  # ranked by the highest VVC of the case or a label: the node's 0.9 counts
+
+
 def test_default_page_folder_is_inside_fused_and_needs_no_ct(fused_example, tmp_path):
     fused = tmp_path / "fused"
     shutil.copytree(fused_example["fused"], fused)
@@ -220,6 +255,7 @@ def test_page_in_headless_chromium(fused_example, tmp_path):
     fused = tmp_path / "fused"
     shutil.copytree(fused_example["fused"], fused)
     (fused / "case_002_entropy.nii.gz").unlink()  # one broken case: listed, marked, no console error
+    add_a_node(fused, "case_003")
     assert main([str(fused), "-i", str(fused_example["images"]), "-o", str(out)]) == 1
     started = time.monotonic()
     with sync_playwright() as playwright:
@@ -250,6 +286,10 @@ def test_page_in_headless_chromium(fused_example, tmp_path):
         assert int(axial.get_attribute("data-slice")) == before + 2 * step
         assert axial.locator("canvas").screenshot() != picture
         assert f"axial {before + 2 * step + 1}/" in axial.inner_text()
+        assert page.eval_on_selector_all("#legend .label-swatch", "s => s.map(e => e.dataset.label)") == \
+            ["GTVp", "GTVnd"]
+        headers = page.eval_on_selector_all("#case-table thead th", "h => h.map(e => e.textContent)")
+        assert "VVC GTVnd" in headers and "GTVp (ml)" in headers
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         browser.close()
     assert not errors, errors

@@ -6,7 +6,8 @@ image embedded as a PNG data URI (a browser lets a page read pixels of embedded 
 page opened from disk). Per case only the box around the fused GTV plus ``REVIEW_MARGIN_MM`` is kept (around
 the uncertain voxels when the GTV is empty), oriented by :mod:`nnunetv2_gtv.figures.slices` into
 (superior, posterior, left) display axes and stored as three mosaics of axial slices: CT in a soft-tissue
-window, entropy codes and the GTV mask. The page cuts axial, coronal and sagittal planes from them.
+window, entropy codes and the fused labels (one outline colour per label, with a legend). The page cuts axial,
+coronal and sagittal planes from them.
 
 A case that cannot be shown (segmentation or entropy map missing or unreadable, a map or CT on another grid)
 stays in the table, marked, with the message naming the file.
@@ -31,8 +32,9 @@ from nnunetv2_gtv.ensemble.writing import check_writable, write_text
 from nnunetv2_gtv.evaluation.folders import (
     SUPPORTED_ENDINGS, EvaluationInputError, check_same_grid, find_image, read_summary_json, read_volume,
 )
-from nnunetv2_gtv.figures.overlay import ENTROPY_ALPHA, ENTROPY_CMAP, FUSED_COLOUR
+from nnunetv2_gtv.figures.overlay import ENTROPY_ALPHA, ENTROPY_CMAP
 from nnunetv2_gtv.figures.slices import DisplayFrame, colour_table, compose_rgb, crop_box, window_to_uint8
+from nnunetv2_gtv.label_colours import label_colour, label_colour_hex
 
 PAGE_NAME = "review.html"
 DEFAULT_ENDING = ".nii.gz"  # tried first; every ending of SUPPORTED_ENDINGS is accepted
@@ -41,7 +43,6 @@ SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
 ENTROPY_DECIMALS = 4  # levels as in gtv-evaluate's error-rate table
 THUMBNAIL_WIDTH_PX = 112
 MAX_PLANE_VOXELS = 256  # in-plane size of the stored box; larger boxes are subsampled
-OUTLINE_RGB = (255, 40, 40)
 IJK = "kji"  # file index letter of array axis 0, 1, 2 (SimpleITK arrays are (k, j, i))
 
 
@@ -61,8 +62,11 @@ class CaseReview:
 
     @property
     def priority(self) -> tuple:
-        """Sort key: flagged first, then VVC descending (cases without VVC last), then name."""
-        vvc = self.row.get("vvc")
+        """Sort key: flagged first, then the highest VVC of the case and its labels descending (cases without VVC
+        last), then name."""
+        values = [v for key, v in self.row.items() if (key == "vvc" or key.startswith("vvc_"))
+                  and not key.startswith("vvc_models") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        vvc = max(values) if values else None
         return (not self.row.get("review"), vvc is None, -(vvc or 0.0), self.case)
 
 
@@ -111,21 +115,24 @@ def start_slices(gtv: np.ndarray, uncertain: np.ndarray) -> list[int]:
     return start
 
 
-def case_view(ct: np.ndarray | None, gtv: np.ndarray, entropy: np.ndarray, spacing_zyx: tuple[float, ...],
+def case_view(ct: np.ndarray | None, labels: np.ndarray, entropy: np.ndarray, spacing_zyx: tuple[float, ...],
               direction: tuple[float, ...]) -> dict:
-    """The viewer's data for one case from (z, y, x) arrays of the file and its direction."""
+    """The viewer's data for one case from (z, y, x) arrays of the file (``labels``: the fused labels, or a mask)
+    and its direction."""
     frame = DisplayFrame.from_direction(direction)
     spacing = list(frame.spacing(spacing_zyx))
-    gtv_display, entropy_display = frame.volume(gtv > 0), frame.volume(entropy)
+    label_display = frame.volume(np.asarray(labels).astype(np.uint8))
+    gtv_display, entropy_display = label_display > 0, frame.volume(entropy)
     cropped_to = "fused GTV" if gtv_display.any() else "entropy > 0" if (entropy_display > 0).any() else "none"
     crop = crop_box(gtv_display if gtv_display.any() else entropy_display > 0, spacing, REVIEW_MARGIN_MM)
     box_gtv = np.ascontiguousarray(gtv_display[crop])
+    box_labels = np.ascontiguousarray(label_display[crop])
     box_entropy = np.ascontiguousarray(entropy_display[crop], dtype=np.float32)
     levels, start = level_counts(box_entropy, box_gtv), start_slices(box_gtv, box_entropy > 0)
     # a box wider than MAX_PLANE_VOXELS (a GTV spread over the image) is shown at every step-th voxel in-plane
     step = max(1, math.ceil(max(box_gtv.shape[1:]) / MAX_PLANE_VOXELS))
     thin = (slice(None), slice(None, None, step), slice(None, None, step))
-    box_gtv, box_entropy = box_gtv[thin], box_entropy[thin]
+    box_gtv, box_labels, box_entropy = box_gtv[thin], box_labels[thin], box_entropy[thin]
     start = [start[0], start[1] // step, start[2] // step]
     spacing[1:] = [s * step for s in spacing[1:]]
     scale = float(box_entropy.max())
@@ -135,19 +142,22 @@ def case_view(ct: np.ndarray | None, gtv: np.ndarray, entropy: np.ndarray, spaci
     grey = None if ct is None else window_to_uint8(frame.volume(ct)[crop][thin], SOFT_TISSUE_WINDOW)
     slices, rows, cols = box_gtv.shape
     columns = max(1, round(math.sqrt(slices * rows / cols)))
+    present = [int(v) for v in np.unique(box_labels) if v > 0]
     thumb = compose_rgb(np.zeros((rows, cols), np.uint8) if grey is None else grey[start[0]], codes[start[0]],
-                        colour_table(ENTROPY_CMAP), ENTROPY_ALPHA, box_gtv[start[0]], OUTLINE_RGB)
+                        colour_table(ENTROPY_CMAP), ENTROPY_ALPHA, box_labels[start[0]],
+                        {value: label_colour(value) for value in present})
     thumb_size = (THUMBNAIL_WIDTH_PX, max(1, round(THUMBNAIL_WIDTH_PX * rows * spacing[1] / (cols * spacing[2]))))
     return {
         "shape": [slices, rows, cols], "spacing": spacing, "columns": columns, "step": step,
         "ct": None if grey is None else _png_uri(mosaic(grey, columns)),
-        "entropy": _png_uri(mosaic(codes, columns)), "gtv": _png_uri(mosaic(box_gtv, columns)),
+        "entropy": _png_uri(mosaic(codes, columns)), "gtv": _png_uri(mosaic(box_labels, columns)),
+        "labels_present": present,
         "entropy_scale": scale, "entropy_max": float(np.max(entropy)), "start": start, "levels": levels,
         "cropped_to": cropped_to,
         "thumbnail": _png_uri(np.asarray(Image.fromarray(thumb).resize(thumb_size, Image.LANCZOS))),
         # file index of display slice t along display axis d: offset + t * step, reversed when sign < 0
         "file_axes": [{"letter": IJK[a], "offset": crop[d].start, "step": 1 if d == 0 else step,
-                       "sign": frame.signs[d], "n": gtv.shape[a]} for d, a in enumerate(frame.order)],
+                       "sign": frame.signs[d], "n": labels.shape[a]} for d, a in enumerate(frame.order)],
     }
 
 
@@ -168,7 +178,7 @@ def _load_case(fused_dir: Path, case: str, ct_path: Path | None) -> dict:
     if ct_path is not None:
         ct = read_volume(ct_path)
         check_same_grid(ct, fused)
-    return case_view(None if ct is None else ct.array, fused.array > 0, entropy.array, fused.spacing_zyx,
+    return case_view(None if ct is None else ct.array, fused.array, entropy.array, fused.spacing_zyx,
                      fused.direction)
 
 
@@ -225,6 +235,17 @@ def review_cases(fused_dir: Path, images: Mapping[str, Path] | Path | None = Non
     return sorted(reviews, key=lambda r: r.priority), header
 
 
+def page_labels(reviews: list[CaseReview], header: dict) -> list[dict]:
+    """Value, name and colour of each foreground label: named by summary.json's ``label_names`` (gtv-predict,
+    gtv-uncertainty), else ``label_<value>`` for each value the cases hold (``GTV`` when it is 1 alone)."""
+    names = header.get("label_names")
+    if not (isinstance(names, list) and len(names) >= 2):
+        found = sorted({v for r in reviews if r.view for v in r.view["labels_present"]}) or [1]
+        names = ["background"] + (["GTV"] if found == [1] else [f"label_{v}" for v in range(1, max(found) + 1)])
+    return [{"value": value, "name": str(name), "colour": label_colour_hex(value)}
+            for value, name in enumerate(names) if value > 0]
+
+
 def page_html(reviews: list[CaseReview], header: dict, title: str) -> str:
     """The whole page: template, style sheet, script and the cases as JSON."""
     data = {
@@ -235,7 +256,7 @@ def page_html(reviews: list[CaseReview], header: dict, title: str) -> str:
         "margin_mm": REVIEW_MARGIN_MM,
         "entropy_alpha": ENTROPY_ALPHA,
         "entropy_colours": colour_table(ENTROPY_CMAP).tolist(),
-        "outline_colour": FUSED_COLOUR,
+        "labels": page_labels(reviews, header),
         "cases": [{"case": r.case, "row": r.row, "error": r.error, "notes": r.notes, "view": r.view}
                   for r in reviews],
     }

@@ -29,9 +29,16 @@ function cell(tr, text, cls) {
   return td;
 }
 
+function labelColumns() {
+  // several labels: each label's VVC and fused volume, where the summary has them
+  return DATA.labels.filter((l) => DATA.cases.some((c) => `vvc_${l.name}` in c.row));
+}
+
 function buildTable() {
   const nModels = Math.max(0, ...DATA.cases.map((c) => modelVolumes(c.row).length));
+  const perLabel = labelColumns();
   const head = ["#", "case", "review", "VVC", "fused (ml)"];
+  for (const l of perLabel) head.push(`VVC ${l.name}`, `${l.name} (ml)`);
   for (let m = 1; m <= nModels; m++) head.push(`model ${m} (ml)`);
   head.push("components removed", "thumbnail", "status");
   const htr = document.createElement("tr");
@@ -48,6 +55,10 @@ function buildTable() {
     cell(tr, row.review ? "flagged" : "", "flag");
     cell(tr, fmt(row.vvc, 3));
     cell(tr, fmt(row.volume_ml_fused, 2));
+    for (const l of perLabel) {
+      cell(tr, fmt(row[`vvc_${l.name}`], 3), row[`review_${l.name}`] ? "flag" : "");
+      cell(tr, fmt(row[`volume_ml_fused_${l.name}`], 2));
+    }
     const volumes = modelVolumes(row);
     for (let m = 0; m < nModels; m++) cell(tr, fmt(volumes[m], 2));
     cell(tr, row.components_removed === undefined ? "–" : String(row.components_removed));
@@ -69,7 +80,7 @@ function buildTable() {
   const broken = DATA.cases.filter((c) => c.error).length;
   $("about").textContent = `${DATA.cases.length} cases, ${flagged} flagged for review` +
     (broken ? `, ${broken} cannot be shown (marked)` : "") +
-    `. Sorted by review priority: flagged first, then VVC descending` +
+    `. Sorted by review priority: flagged first, then the highest VVC (of the case or a label) descending` +
     (DATA.vvc_threshold !== null && DATA.vvc_threshold !== undefined ? ` (flag: VVC > ${DATA.vvc_threshold})` : "") +
     `. CT window ${DATA.window_hu[0]} to ${DATA.window_hu[1]} HU; each case shows the fused GTV plus ` +
     `${DATA.margin_mm} mm. Click a row to view it.` + (DATA.command ? ` Made by: ${DATA.command}` : "");
@@ -124,7 +135,7 @@ function drawView(k) {
   const view = VIEWS[k], v = current.view, vol = current.volumes, shape = v.shape, sp = v.spacing;
   const h = shape[view.row], w = shape[view.col], t = current.slice[k];
   const layers = {ct: $("layer-ct").checked, gtv: $("layer-gtv").checked, entropy: $("layer-entropy").checked};
-  const pixels = new ImageData(w, h), mask = new Uint8Array(w * h), alpha = DATA.entropy_alpha;
+  const pixels = new ImageData(w, h), labels = new Uint8Array(w * h), alpha = DATA.entropy_alpha;
   for (let r = 0; r < h; r++) {
     for (let c = 0; c < w; c++) {
       const i = voxel(shape, view, t, r, c), p = (r * w + c) * 4;
@@ -138,7 +149,7 @@ function drawView(k) {
         blue = (1 - alpha) * blue + alpha * colour[2];
       }
       pixels.data[p] = red; pixels.data[p + 1] = green; pixels.data[p + 2] = blue; pixels.data[p + 3] = 255;
-      mask[r * w + c] = vol.gtv[i] > 127 ? 1 : 0;
+      labels[r * w + c] = vol.gtv[i];
     }
   }
   const off = document.createElement("canvas");
@@ -151,7 +162,9 @@ function drawView(k) {
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(off, 0, 0, W, H);
-  if (layers.gtv) drawOutline(ctx, mask, w, h, W / w, H / h);
+  if (layers.gtv) {
+    for (const l of DATA.labels) drawOutline(ctx, labels, l.value, l.colour, w, h, W / w, H / h);
+  }
   drawEdges(ctx, view.edges, W, H);
   drawScaleBar(ctx, W, H);
   const axis = v.file_axes[view.fixed], display = axis.offset + t * axis.step;
@@ -161,8 +174,8 @@ function drawView(k) {
   panel.element.dataset.slice = String(t);
 }
 
-function drawOutline(ctx, mask, w, h, sx, sy) {
-  const inside = (r, c) => r >= 0 && r < h && c >= 0 && c < w && mask[r * w + c] === 1;
+function drawOutline(ctx, labels, value, colour, w, h, sx, sy) {
+  const inside = (r, c) => r >= 0 && r < h && c >= 0 && c < w && labels[r * w + c] === value;
   ctx.beginPath();
   for (let r = 0; r < h; r++) {
     for (let c = 0; c < w; c++) {
@@ -174,7 +187,7 @@ function drawOutline(ctx, mask, w, h, sx, sy) {
       if (!inside(r, c + 1)) { ctx.moveTo(x + sx, y); ctx.lineTo(x + sx, y + sy); }
     }
   }
-  ctx.strokeStyle = DATA.outline_colour;
+  ctx.strokeStyle = colour;
   ctx.lineWidth = 1.5;
   ctx.stroke();
 }
@@ -256,8 +269,17 @@ function buildLegend() {
     ctx.fillRect(x, 0, 1, 12);
   }
   const v = current.view;
-  legend.replaceChildren(`entropy (nats, shown where > 0) 0`, bar, `${fmt(v.entropy_scale, 3)};`,
-    ` fused GTV outline in ${DATA.outline_colour}; box around the ${v.cropped_to} ` +
+  const swatches = DATA.labels.map((l) => {
+    const item = document.createElement("span");
+    item.className = "label-swatch";
+    item.dataset.label = l.name;
+    const box = document.createElement("span");
+    box.style.borderColor = l.colour;
+    item.append(box, l.name);
+    return item;
+  });
+  legend.replaceChildren(`entropy (nats, shown where > 0) 0`, bar, `${fmt(v.entropy_scale, 3)}; fused outlines: `,
+    ...swatches, `; box around the ${v.cropped_to} ` +
     `(${v.shape.map((n, d) => (n * v.spacing[d]).toFixed(0)).join(" x ")} mm S x P x L)` +
     (v.step > 1 ? `; in-plane subsampled by ${v.step} (a wide box)` : "") + (v.ct ? "" : "; no CT"));
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -131,14 +131,16 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def compose_rgb(grey: np.ndarray, heat_codes: np.ndarray | None, heat_table: np.ndarray, heat_alpha: float,
-                mask: np.ndarray | None, mask_colour: tuple[int, int, int]) -> np.ndarray:
-    """An RGB picture of one plane: grey values, a heat map blended where its code is > 0, and the mask's outline.
+                labels: np.ndarray | None, colours: Mapping[int, tuple[int, int, int]]) -> np.ndarray:
+    """An RGB picture of one plane: grey values, a heat map blended where its code is > 0, and the outline of each
+    label of ``labels`` in its colour of ``colours``.
 
     ``grey`` and ``heat_codes`` are uint8 planes (codes index ``heat_table``)."""
     rgb = np.repeat(np.asarray(grey, np.float32)[..., None], 3, axis=2)
     if heat_codes is not None:
         hot = heat_codes > 0
         rgb[hot] = (1 - heat_alpha) * rgb[hot] + heat_alpha * heat_table[heat_codes[hot]]
-    if mask is not None:
-        rgb[outline(mask)] = mask_colour
+    if labels is not None:
+        for value, colour in colours.items():
+            rgb[outline(labels == value)] = colour
     return np.rint(rgb).astype(np.uint8)
