@@ -274,3 +274,45 @@ def test_regions_on_the_image_grid_hold_only_voxels_interpolated_from_inside():
     transposed = region_on_image_grid(((3, 12), (0, 30), (5, 24)), pre_shape, properties, (2, 0, 1))
     straight = region_on_image_grid(((3, 12), (0, 30), (5, 24)), pre_shape, properties, (0, 1, 2))
     assert transposed == (straight[2], straight[0], straight[1])
+
+
+# ------------------------------------------------------------- choosing the rules on cross-validation
+
+
+def test_gtv_postprocessing_keeps_largest_only_where_it_raises_the_labels_dice(tmp_path, properties, monkeypatch,
+                                                                               capsys):
+    """Out-of-fold predictions: a stray GTVp blob (the largest-component rule removes a false positive) and two
+    true nodes (it would remove a true one): largest for GTVp, all for GTVnd."""
+    import SimpleITK as sitk
+
+    from nnunetv2_gtv.cli.postprocessing import main as postprocessing_main
+
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[4:8, 4:12, 4:12] = 1
+    truth[0:2, 15:18, 18:21] = 2
+    truth[6:8, 16:19, 1:4] = 2
+    predicted = truth.copy()
+    predicted[1:2, 2:4, 20:22] = 1
+    folders = write_3label_models(tmp_path / "models", [one_hot(predicted, 0.9)] * 2, properties)
+    assert run(folders, tmp_path / "cv", "--keep-all-components") == 0
+    (tmp_path / "labels").mkdir()
+    reference = sitk.GetImageFromArray(truth)
+    reference.CopyInformation(sitk.ReadImage(str(tmp_path / "cv" / "c.nii.gz")))
+    sitk.WriteImage(reference, str(tmp_path / "labels" / "c.nii.gz"))
+
+    results = tmp_path / "results"
+    (results / "Dataset991_Test").mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_results", str(results))
+    assert postprocessing_main(["-p", str(tmp_path / "cv"), "-r", str(tmp_path / "labels"), "-d", "991"]) == 0
+    assert "GTVnd: mean Dice 1.0000 with every component" in capsys.readouterr().out
+    choice = read_postprocessing(results / "Dataset991_Test" / "gtv_postprocessing.json")
+    assert choice.rules == {1: ComponentRule("largest"), 2: ComponentRule("all")}
+    assert choice.names == {1: "GTVp", 2: "GTVnd"} and choice.chosen_on["cases"] == 1
+
+    assert run(folders, tmp_path / "largest", "--largest-component") == 0
+    assert postprocessing_main(["-p", str(tmp_path / "largest"), "-r", str(tmp_path / "labels"),
+                                "-o", str(tmp_path / "pp.json")]) == 2
+    assert "fuse them with --keep-all-components" in capsys.readouterr().err
+    assert postprocessing_main(["-p", str(tmp_path / "cv"), "-r", str(tmp_path / "labels"),
+                                "-o", str(tmp_path / "cv" / "pp.json")]) == 2
+    assert "lies inside the input folder" in capsys.readouterr().err and not (tmp_path / "pp.json").exists()

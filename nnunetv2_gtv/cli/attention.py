@@ -20,12 +20,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gtv-predict: idle Open
 import torch  # noqa: E402
 
 from nnunetv2_gtv.cli.common import fail  # noqa: E402
-from nnunetv2_gtv.cli.predict import _add_inference_arguments, _add_model_arguments, _dataset_name, _set_threads  # noqa: E402
+from nnunetv2_gtv.cli.predict import _add_inference_arguments, _add_model_arguments, _set_threads  # noqa: E402
 from nnunetv2_gtv.ensemble.writing import check_writable  # noqa: E402
 from nnunetv2_gtv.inference.attention import DEFAULT_BLOCK, AttentionBlockError, attention_blocks, \
     write_attention_maps  # noqa: E402
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases  # noqa: E402
-from nnunetv2_gtv.inference.models import ModelError, load_model, resolve_models  # noqa: E402
+from nnunetv2_gtv.inference.models import ModelError, dataset_folder_name, load_model, resolve_models  # noqa: E402
 from nnunetv2_gtv.inference.settings import InferenceSettings, default_step_size, use_cpu_bfloat16  # noqa: E402
 
 PROG = "gtv-attention"
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_size = args.step_size if args.step_size is not None else default_step_size(args.device)
         settings = InferenceSettings(args.tile, step_size, args.mirroring, args.restrict,
                                      use_cpu_bfloat16(args.precision, args.device))
-        (spec,) = resolve_models(results, _dataset_name(Path(results), args.d), args.m, args.p, args.c,
+        (spec,) = resolve_models(results, dataset_folder_name(Path(results), args.d), args.m, args.p, args.c,
                                  args.tr_suffix, args.chk)
         device = torch.device(args.device)
         _set_threads(device)

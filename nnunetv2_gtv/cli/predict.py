@@ -37,7 +37,7 @@ from nnunetv2_gtv.ensemble.writing import check_outside_inputs
 from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
-    load_model, resolve_models
+    dataset_folder_name, load_model, resolve_models
 from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases, write_timings
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
 from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
@@ -130,17 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dataset_name(results: Path, dataset: str) -> str:
-    """``-d 989`` -> the ``Dataset989_*`` folder in nnUNet_results; a name is taken as it is."""
-    if not dataset.isdigit():
-        return dataset
-    found = sorted(p.name for p in results.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
-    if len(found) != 1:
-        raise ModelError(f"dataset {dataset}: {'no' if not found else 'more than one'} Dataset{int(dataset):03d}_* "
-                         f"folder in nnUNet_results ({results}){': ' + ', '.join(found) if found else ''}")
-    return found[0]
-
-
 def _set_threads(device: torch.device) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict does
@@ -180,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_inputs(cases[args.part_id::args.num_parts])
         dicom_series = dicom_series_of_cases(cases, args.dicom_reference)
         check_outside_inputs(args.o, [args.i] + ([args.dicom_reference] if args.dicom_reference else []))
-        dataset_folder = Path(results) / _dataset_name(Path(results), args.d)
+        dataset_folder = Path(results) / dataset_folder_name(Path(results), args.d)
         specs = resolve_models(results, dataset_folder.name, args.m, args.p, args.c, args.tr_suffix, args.chk)
         rule_file = dataset_folder / POSTPROCESSING_FILE
         fusion = fusion_settings_from_args(args, rule_file if rule_file.is_file() else None)

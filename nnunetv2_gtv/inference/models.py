@@ -49,6 +49,17 @@ class ModelSpec:
         return self.folder / f"fold_{self.fold}" / self.checkpoint_name
 
 
+def dataset_folder_name(results: Path, dataset: str) -> str:
+    """``989`` -> the ``Dataset989_*`` folder's name in nnUNet_results; a name is taken as it is."""
+    if not dataset.isdigit():
+        return dataset
+    found = sorted(p.name for p in results.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
+    if len(found) != 1:
+        raise ModelError(f"dataset {dataset}: {'no' if not found else 'more than one'} Dataset{int(dataset):03d}_* "
+                         f"folder in nnUNet_results ({results}){': ' + ', '.join(found) if found else ''}")
+    return found[0]
+
+
 def parse_model_spec(text: str, tr_suffix: str = "") -> tuple[str, int | str]:
     """``Local:0`` -> (``nnUNetTrainerGTV25DLocal<tr_suffix>``, 0); ``<trainer>:<fold>`` -> (trainer, fold)."""
     name, sep, fold = text.rpartition(":")
