@@ -109,3 +109,71 @@ def test_openkbp_anatomy_gives_the_documented_split(tmp_path, capsys):
     assert split["test"] == DOCUMENTED_TEST_CTS and len(split["train"]) == 60
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 60
     assert len(list((dataset / "imagesTr").iterdir())) == 60 and len(list((dataset / "labelsTs").iterdir())) == 16
+
+
+def _two_targets(source: Path, count: int = 5) -> Path:
+    """Patient folders with a GTVp (2x2x2 voxels) and a GTVnd (one row of 3 voxels) mask each."""
+    _patients(source, count)
+    for index in range(count):
+        folder = source / f"patient_{index}"
+        (folder / "PTV70.nii.gz").rename(folder / "GTVp.nii.gz")
+        node = np.zeros((8, 8, 8), np.uint8)
+        node[6, 6, 1:4] = 1
+        sitk.WriteImage(_image(node), str(folder / "GTVnd.nii.gz"))
+    return source
+
+
+def test_several_targets_become_labels_in_their_order(tmp_path, capsys):
+    source = _two_targets(tmp_path / "source")
+    code, _ = _run(["-i", source, "-o", tmp_path / "raw", "-d", 904, "-n", "NPC", "--target", "GTVp", "GTVnd",
+                    "--num-test", 1], capsys)
+    assert code == 0
+    dataset = tmp_path / "raw" / "Dataset904_NPC"
+    assert json.loads((dataset / "dataset.json").read_text())["labels"] == {"background": 0, "GTVp": 1, "GTVnd": 2}
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(next((dataset / "labelsTr").iterdir()))))
+    assert np.count_nonzero(labels == 1) == 8 and np.count_nonzero(labels == 2) == 3
+    assert labels[6, 6, 1] == 2 and labels[2, 2, 2] == 1
+    split = json.loads((dataset / "split.json").read_text())
+    assert split["target"] == ["GTVp", "GTVnd"] and split["target_ml"]["patient_0"] == {"GTVp": 0.1, "GTVnd": 0.0}
+
+
+def test_overlapping_masks_are_refused_by_name_or_resolved_by_the_chosen_rule(tmp_path, capsys):
+    source = _two_targets(tmp_path / "source")
+    node = np.zeros((8, 8, 8), np.uint8)
+    node[3, 3, 1:4] = 1  # (3, 3, 2) and (3, 3, 3) are GTVp voxels too
+    sitk.WriteImage(_image(node), str(source / "patient_2" / "GTVnd.nii.gz"))
+    args = ["-i", source, "-d", 905, "--target", "GTVp", "GTVnd", "--num-test", 1]
+    code, err = _run(args + ["-o", tmp_path / "refused"], capsys)
+    assert code == 2 and "patient_2: GTVp and GTVnd overlap in 2 voxels; choose --overlap later or earlier" in err
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    for rule, winner in (("later", 2), ("earlier", 1)):
+        assert _run(args + ["-o", tmp_path / rule, "--overlap", rule, "--split", _split(tmp_path, "patient_2")],
+                    capsys)[0] == 0
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / rule / "Dataset905_HeadNeckPTV70" / "labelsTs"
+                                                           / "patient_2.nii.gz")))
+        assert labels[3, 3, 2] == winner and labels[3, 3, 1] == 2 and np.count_nonzero(labels == 1) == 8 - (winner == 2) * 2
+
+
+def _split(tmp_path: Path, test: str) -> Path:
+    path = tmp_path / "split_given.json"
+    path.write_text(json.dumps({"train": [f"patient_{i}" for i in range(5) if f"patient_{i}" != test],
+                                "test": [test]}))
+    return path
+
+
+def test_patients_without_a_mask_are_refused_skipped_or_given_an_empty_label(tmp_path, capsys):
+    source = _two_targets(tmp_path / "source")
+    (source / "patient_1" / "GTVnd.nii.gz").unlink()  # node-negative
+    args = ["-i", source, "-d", 906, "--target", "GTVp", "GTVnd", "--split", _split(tmp_path, "patient_1")]
+    code, err = _run(args + ["-o", tmp_path / "refused"], capsys)
+    assert code == 2 and "patient_1/GTVnd.nii.gz: missing" in err
+    assert _run(args + ["-o", tmp_path / "skip", "--missing-mask", "skip"], capsys)[0] == 0
+    split = json.loads((tmp_path / "skip" / "Dataset906_HeadNeckPTV70" / "split.json").read_text())
+    assert split["skipped"] == {"patient_1": ["GTVnd"]} and split["test"] == [] and "patient_1" not in split["train"]
+    assert _run(args + ["-o", tmp_path / "empty", "--missing-mask", "empty"], capsys)[0] == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "empty" / "Dataset906_HeadNeckPTV70" / "labelsTs"
+                                                       / "patient_1.nii.gz")))
+    assert set(np.unique(labels)) == {0, 1}
+    (source / "patient_1" / "GTVp.nii.gz").unlink()  # no target at all: never a patient of the dataset
+    code, err = _run(args + ["-o", tmp_path / "none", "--missing-mask", "empty"], capsys)
+    assert code == 2 and "patient_1/GTVp.nii.gz: missing (and GTVnd)" in err

@@ -80,3 +80,24 @@ def test_cli_refuses_existing_dataset_with_exit_code(tmp_path):
     assert "wrote 1 training" in run_cli(args, env).stdout
     refused = run_cli(args, env, check=False)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Dataset994_SyntheticGTV" in refused.stderr
+
+
+def test_nodes_are_labelled_gtvnd_in_the_upper_and_middle_neck(tmp_path):
+    from scipy import ndimage
+
+    path = write_dataset(tmp_path, 995, num_train=6, num_test=0, in_plane_size=64, num_slices=24,
+                         orientations="mixed", seed=5, in_plane_mm=(1.6, 1.9), nodes=True)
+    assert json.loads((path / "dataset.json").read_text())["labels"] == {"background": 0, "GTVp": 1, "GTVnd": 2}
+    for label_path in sorted((path / "labelsTr").iterdir()):
+        label = sitk.ReadImage(str(label_path))
+        array = sitk.GetArrayFromImage(label)
+        assert set(np.unique(array)) == {0, 1, 2}
+        components, count = ndimage.label(array == 2)
+        assert 1 <= count <= 4
+        world_z = np.array([label.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(array.shape[0])])
+        for centre in ndimage.center_of_mass(array == 2, components, range(1, count + 1)):
+            relative = (np.interp(centre[0], np.arange(len(world_z)), world_z) - world_z.min()) / np.ptp(world_z)
+            assert NECK_START < relative < synthetic.HEAD_START  # each node's centre lies in the neck
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path / "imagesTr" / label_path.name.replace(
+            ".nii.gz", "_0000.nii.gz"))))
+        assert abs(float(image[array == 2].mean()) - synthetic.GTV_HU) < 15  # as dense as the primary

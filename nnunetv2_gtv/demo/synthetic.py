@@ -7,7 +7,9 @@ in the world, only stored in another voxel order, which is what orientation hand
 Along the superior axis (LPS +z) the scan holds, from bottom to top: shoulders, neck, head. The head has
 a skull shell, the neck a spine and an airway that widens into the nasopharynx; the GTV (label 1) is a
 low-contrast tumour of realistic size (5-60 ml) and irregular outline on the posterior-lateral nasopharynx wall,
-invading the airway and the neighbouring soft tissue; unlabeled GTV-like nodes sit lower in the neck. The anatomy
+invading the airway and the neighbouring soft tissue; unlabeled GTV-like nodes sit lower in the neck. With
+``nodes=True`` the primary becomes GTVp (label 1) and 1-4 metastatic lymph nodes (GTVnd, label 2; 10-24 mm across)
+sit in the upper and middle neck, lateral to the airway, as SegRap2023 labels them. The anatomy
 scales with the field of view, the tumour does not (it is sized in mm): use a realistic field of view (about
 200-250 mm, e.g. ``--size 128 --in-plane-mm 1.6 1.9``) for realistic proportions.
 
@@ -37,6 +39,10 @@ NOISE_SD_HU = 12.0
 
 # Range (ml) of the GTV volumes drawn by tumour_volume_ml
 TUMOUR_VOLUME_ML = (5.0, 60.0)
+NODE_DIAMETER_MM = (10.0, 24.0)
+NODE_COUNT = (1, 4)
+BINARY_LABELS = {"background": 0, "GTV": 1}
+NODE_LABELS = {"background": 0, "GTVp": 1, "GTVnd": 2}
 
 # Fractions of the superior-inferior extent (0 = bottom slice, 1 = top slice) where regions begin.
 NECK_START = 0.28
@@ -122,8 +128,26 @@ def render_tumour(wx: np.ndarray, wy: np.ndarray, wz: np.ndarray, centre_mm: tup
     return mask
 
 
-def render_case(geometry: CaseGeometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Return (image in HU as int16, label as uint8), both as (z, y, x) arrays on ``geometry``'s grid."""
+def render_nodes(u: np.ndarray, v: np.ndarray, s: np.ndarray, wx: np.ndarray, wy: np.ndarray, wz: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Boolean (z, y, x) mask of 1-4 round lymph nodes (10-24 mm across) in the upper and middle neck, left or
+    right of the airway and anterior-lateral to the spine (levels II-III)."""
+    mask = np.zeros(u.shape, dtype=bool)
+    half_x, half_y = (wx.max() - wx.min()) / 2 + 1e-6, (wy.max() - wy.min()) / 2 + 1e-6
+    z_lo, z_hi = wz.min(), wz.max()
+    for _ in range(int(rng.integers(NODE_COUNT[0], NODE_COUNT[1] + 1))):
+        centre = (rng.choice([-1.0, 1.0]) * rng.uniform(0.14, 0.24) * half_x, rng.uniform(0.0, 0.18) * half_y,
+                  z_lo + rng.uniform(NECK_START + 0.08, HEAD_START - 0.03) * (z_hi - z_lo))
+        radius = rng.uniform(*NODE_DIAMETER_MM) / 2 * np.exp(rng.normal(0, 0.1, size=3))
+        mask |= (((wx[None, None, :] - centre[0]) / radius[0]) ** 2 + ((wy[None, :, None] - centre[1]) / radius[1]) ** 2
+                 + ((wz[:, None, None] - centre[2]) / radius[2]) ** 2) <= 1
+    return mask
+
+
+def render_case(geometry: CaseGeometry, rng: np.random.Generator, nodes: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (image in HU as int16, label as uint8), both as (z, y, x) arrays on ``geometry``'s grid; with
+    ``nodes`` the label holds GTVp (1) and GTVnd (2)."""
     wx, wy, wz = geometry.world_axes()
     half_x = (wx.max() - wx.min()) / 2 + 1e-6
     half_y = (wy.max() - wy.min()) / 2 + 1e-6
@@ -190,8 +214,13 @@ def render_case(geometry: CaseGeometry, rng: np.random.Generator) -> tuple[np.nd
         node = (((u - centre[0]) / 0.07) ** 2 + ((v - centre[1]) / 0.07) ** 2 + ((s - centre[2]) / 0.05) ** 2) <= 1
         image[node & body & (image == SOFT_TISSUE_HU)] = GTV_HU
 
+    label = gtv.astype(np.uint8)
+    if nodes:
+        node = render_nodes(u, v, s, wx, wy, wz, rng) & body & (image < SPINE_HU) & (image > AIR_HU) & ~gtv
+        image[node] = GTV_HU
+        label[node] = 2
     image += rng.normal(0, NOISE_SD_HU, size=shape).astype(np.float32)
-    return np.clip(np.round(image), -1024, 3071).astype(np.int16), gtv.astype(np.uint8)
+    return np.clip(np.round(image), -1024, 3071).astype(np.int16), label
 
 
 def random_geometry(rng: np.random.Generator, in_plane_size: int, num_slices: int, orientation: str,
@@ -235,12 +264,13 @@ def write_dataset(
     overwrite: bool = False,
     in_plane_mm: tuple[float, float] = (0.8, 1.2),
     slice_mm: tuple[float, float] = (2.5, 3.5),
+    nodes: bool = False,
 ) -> Path:
     """Write ``<raw_dir>/DatasetXXX_<name>`` and return its path.
 
     The dataset is assembled in a temporary folder next to the target and renamed into place, so a
     crash never leaves a half-written dataset. ``orientations="mixed"`` cycles identity, flipped superior
-    axis and flipped in-plane axes over the cases.
+    axis and flipped in-plane axes over the cases. ``nodes``: labels GTVp and GTVnd (see the module docstring).
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -261,15 +291,16 @@ def write_dataset(
         splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]
         for (split, case), orientation in zip(splits, _orientation_plan(len(splits), orientations)):
             geometry = random_geometry(rng, in_plane_size, num_slices, orientation, in_plane_mm, slice_mm)
-            image, label = render_case(geometry, rng)
+            image, label = render_case(geometry, rng, nodes)
             (staging / f"images{split}").mkdir(exist_ok=True)
             (staging / f"labels{split}").mkdir(exist_ok=True)
             sitk.WriteImage(to_sitk_image(image, geometry), str(staging / f"images{split}" / f"{case}_0000.nii.gz"))
             sitk.WriteImage(to_sitk_image(label, geometry), str(staging / f"labels{split}" / f"{case}.nii.gz"))
         generate_dataset_json(
-            str(staging), channel_names={0: "CT"}, labels={"background": 0, "GTV": 1}, num_training_cases=num_train,
-            file_ending=".nii.gz", dataset_name=target.name,
-            description="Synthetic head-and-neck CT with a nasopharyngeal GTV (nnunetv2_gtv.demo.synthetic)",
+            str(staging), channel_names={0: "CT"}, labels=NODE_LABELS if nodes else BINARY_LABELS,
+            num_training_cases=num_train, file_ending=".nii.gz", dataset_name=target.name,
+            description="Synthetic head-and-neck CT with a nasopharyngeal GTV" + (" and nodal GTVs" if nodes else "")
+                        + " (nnunetv2_gtv.demo.synthetic)",
             seed=seed, orientations=orientations,
         )
     return target
@@ -292,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--orientations", choices=["identity", "mixed"], default="identity",
                         help="mixed: cycle identity, flipped superior axis and flipped in-plane axes")
+    parser.add_argument("--nodes", action="store_true",
+                        help="also draw 1-4 metastatic lymph nodes in the upper and middle neck: labels GTVp (1) and "
+                             "GTVnd (2), as SegRap2023")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args(argv)
     if not args.output:
@@ -299,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_dataset(args.output, args.dataset_id, args.name, args.num_train, args.num_test, args.size,
                              args.slices, args.seed, args.orientations, args.overwrite, tuple(args.in_plane_mm),
-                             tuple(args.slice_mm))
+                             tuple(args.slice_mm), args.nodes)
     except (FileExistsError, ValueError) as err:
         print(f"gtv-synthetic: error: {err}", file=sys.stderr)
         return 2
