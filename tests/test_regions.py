@@ -16,7 +16,8 @@ from nnunetv2_gtv.demo.synthetic import HEAD_START, NECK_START, ORIENTATIONS, Ca
 from nnunetv2_gtv.training import regions as reg
 from nnunetv2_gtv.training.regions import (
     Box, CaseRegions, RegionSettings, array_axis_orientation, body_threshold_from_plans, compute_regions,
-    detect_levels, label_coverage_report, load_or_compute_regions, superior_axis_from_direction,
+    detect_levels, label_coverage_by_label, label_coverage_report, load_or_compute_regions,
+    superior_axis_from_direction,
 )
 
 SLICE_MM = 3.0
@@ -253,6 +254,21 @@ def test_label_coverage_report_counts_cases_and_warns_about_misses():
     assert counts == {"local": 2, "middle": 3, "global": 3, "cases": 3}
     assert any(w.startswith("b: only 33.3% of the label lies inside the local region") for w in warnings)
     assert any("local 2/3" in w for w in warnings) and not any("middle" in w for w in warnings)
+
+
+def test_label_coverage_by_label_pools_each_labels_voxels_and_warns_for_the_trainers_region():
+    seg = np.zeros((10, 8, 8), np.int8)
+    seg[6:9, 2:4, 2:4] = 1  # GTVp: in the head
+    seg[1:3, 5:7, 5:7] = 2  # GTVnd: in the neck, below the local region
+    boxes = {"local": Box(((5, 10), (0, 8), (0, 8))), "middle": Box(((2, 10), (0, 8), (0, 8))),
+             "global": Box.full(seg.shape)}
+    fractions, warnings = label_coverage_by_label({"a": boxes, "b": boxes}, {"a": seg, "b": seg[None]},
+                                                  {1: "GTVp", 2: "GTVnd", 3: "Parotid"}, "local")
+    assert fractions["GTVp"] == {"local": 1.0, "middle": 1.0, "global": 1.0}
+    assert fractions["GTVnd"] == {"local": 0.0, "middle": 0.5, "global": 1.0}
+    assert fractions["Parotid"] == {"local": None, "middle": None, "global": None}
+    assert len(warnings) == 1 and warnings[0].startswith("the local region holds only 0% of GTVnd's voxels")
+    assert label_coverage_by_label({"a": boxes}, {"a": seg}, {2: "GTVnd"}, "global")[1] == []
 
 
 # ---------------------------------------------------------------- gtv-regions

@@ -87,9 +87,11 @@ class nnUNetTrainerGTV25D(nnUNetTrainerDiceLoss):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.sampling_region == "global":
             return dataset_tr, dataset_val
+        labels = {int(v): k for k, v in self.dataset_json["labels"].items() if k not in ("background", "ignore")
+                  and not isinstance(v, (list, tuple))}
         boxes = training_region_boxes(self.preprocessed_dataset_folder, dataset_tr, self.plans_manager.plans,
                                       self.configuration_manager.spacing, self.sampling_region,
-                                      log=self.print_to_log_file)
+                                      log=self.print_to_log_file, labels=labels)
         return RegionCroppedDataset(dataset_tr, boxes), dataset_val
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from nnunetv2_gtv.training.regions import (
     air_threshold_from_plans, body_threshold_from_plans, bone_threshold_from_plans, fallback_summary,
-    label_coverage_report, regions_for_dataset,
+    label_coverage_by_label, label_coverage_report, regions_for_dataset,
 )
 
 
@@ -33,10 +33,12 @@ class StreamedSegmentations(Mapping):
 
 
 def training_region_boxes(preprocessed_folder: str, dataset, plans: dict, spacing_zyx: Sequence[float], region: str,
-                          log: Callable[[str], None] = print) -> dict[str, tuple[tuple[int, int], ...]]:
+                          log: Callable[[str], None] = print, labels: Mapping[int, str] | None = None
+                          ) -> dict[str, tuple[tuple[int, int], ...]]:
     """Boxes of ``region`` ("local", "middle" or "global") for every case of ``dataset``, detected once and cached
     in ``preprocessed_folder``. Logs each case's region sizes, the cases whose region fell back to a larger one,
-    and how many cases' labels each region holds whole."""
+    how many cases' labels each region holds whole, and each of ``labels`` (value -> name) the share of its voxels
+    each region holds, with a warning where ``region`` holds little of a label."""
     bone_threshold, air_threshold = bone_threshold_from_plans(plans), air_threshold_from_plans(plans)
     for tissue, threshold, ending in (("bone", bone_threshold, "local"), ("air", air_threshold, "middle")):
         if threshold is None:
@@ -50,4 +52,12 @@ def training_region_boxes(preprocessed_folder: str, dataset, plans: dict, spacin
     log(f"training on the '{region}' region; cases whose label lies fully inside each region: {counts}")
     for line in warnings:
         log(f"WARNING: {line}")
+    if labels:
+        fractions, low = label_coverage_by_label(regions_by_case, StreamedSegmentations(dataset, regions_by_case),
+                                                 labels, region)
+        for name, shares in fractions.items():
+            log(f"{name}: share of its voxels inside each region: " + ", ".join(
+                f"{r} {'-' if share is None else f'{100 * share:.0f}%'}" for r, share in shares.items()))
+        for line in low:
+            log(f"WARNING: {line}")
     return {identifier: regions_by_case[identifier].boxes[region].ranges for identifier in regions_by_case}

@@ -49,5 +49,5 @@ from nnunetv2_gtv.training.regions.cache import (  # noqa: F401
     load_or_compute_regions, regions_for_dataset,
 )
 from nnunetv2_gtv.training.regions.coverage import (  # noqa: F401
-    fallback_summary, label_coverage_report, label_fraction_inside,
+    fallback_summary, label_coverage_by_label, label_coverage_report, label_fraction_inside,
 )

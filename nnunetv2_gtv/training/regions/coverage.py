@@ -1,4 +1,5 @@
-"""What the regions cover: label fractions inside each box and the summary of fallbacks, for the training log."""
+"""What the regions cover: label fractions inside each box (all labels together, and each label on its own) and
+the summary of fallbacks, for the training log."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -56,3 +57,32 @@ def label_coverage_report(regions_by_case: Mapping[str, CaseRegions | Mapping[st
     if short:
         warnings.append(f"labels fully inside the region: {', '.join(short)} cases")
     return counts, warnings
+
+
+LOW_COVERAGE = 0.5  # a region holding less of a label's voxels than this gets a warning in the training log
+
+
+def label_coverage_by_label(regions_by_case: Mapping[str, CaseRegions | Mapping[str, Box]],
+                            seg_by_case: Mapping[str, np.ndarray], labels: Mapping[int, str], region: str
+                            ) -> tuple[dict[str, dict[str, float | None]], list[str]]:
+    """Each label's share of voxels (pooled over the cases) inside each region, and a warning for each label of
+    which ``region`` holds less than LOW_COVERAGE: that scale's models never see the rest of it in training and
+    abstain there in gtv-predict's fusion. A label no case has gets None."""
+    inside = {name: {region_name: 0 for region_name in REGION_NAMES} for name in labels.values()}
+    total = {name: 0 for name in labels.values()}
+    for case, regions in regions_by_case.items():
+        boxes = regions.boxes if isinstance(regions, CaseRegions) else regions
+        seg = np.asarray(seg_by_case[case])
+        if seg.ndim == 4:
+            seg = seg[0]
+        for value, name in labels.items():
+            mask = seg == value
+            total[name] += int(np.count_nonzero(mask))
+            for region_name in REGION_NAMES:
+                inside[name][region_name] += int(np.count_nonzero(mask[boxes[region_name].slices]))
+    fractions = {name: {r: (inside[name][r] / total[name] if total[name] else None) for r in REGION_NAMES}
+                 for name in labels.values()}
+    warnings = [f"the {region} region holds only {100 * shares[region]:.0f}% of {name}'s voxels in the training "
+                f"cases: the {region} models learn little of it and are left out of the fusion outside their region"
+                for name, shares in fractions.items() if shares[region] is not None and shares[region] < LOW_COVERAGE]
+    return fractions, warnings
