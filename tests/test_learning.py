@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from conftest import DATASET_NAME
@@ -19,7 +18,6 @@ TRAINING_ITERATIONS = 60
 
 
 def _held_out_dice(trainer, raw: Path) -> float:
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=1.0, use_mirroring=False, device=torch.device("cpu"),
@@ -29,11 +27,11 @@ def _held_out_dice(trainer, raw: Path) -> float:
                                     trainer.dataset_json, type(trainer).__name__, None)
     trainer.network.eval()
     dice = []
+    reader = trainer.plans_manager.image_reader_writer_class()  # as the plans read (reoriented), image and label
     for image_file in sorted((raw / "imagesTs").glob("*_0000.nii.gz")):
-        image, properties = SimpleITKIO().read_images([str(image_file)])
+        image, properties = reader.read_images([str(image_file)])
         predicted = predictor.predict_single_npy_array(image, properties) == 1
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" /
-                                                              image_file.name.replace("_0000", "")))) == 1
+        reference = reader.read_seg(str(raw / "labelsTs" / image_file.name.replace("_0000", "")))[0][0] == 1
         dice.append(2 * np.logical_and(predicted, reference).sum() / (predicted.sum() + reference.sum()))
     trainer.network.train()
     return float(np.mean(dice))

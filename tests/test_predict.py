@@ -147,14 +147,18 @@ def test_timings_are_written_per_case_for_the_run_and_each_model(restricted_run)
 
 @pytest.mark.parametrize("scale", ["Local", "Middle"])
 def test_region_models_predict_background_below_their_region(restricted_run, scale):
-    """Local / Middle: foreground probability exactly 0 in the shoulders, which are the first slices of the
-    original CT (direction +z) and the last slices of the flipped one."""
+    """Local / Middle: foreground probability exactly 0 in the shoulders. The probabilities are stored as the
+    plans' reader orients every CT (RAS: the shoulders are the first slices, also of the CT stored flipped); the
+    model's own segmentation of the flipped CT is written back in that file's order (shoulders last)."""
     models = restricted_run["out"] / "model_predictions"
     folder = models / f"nnUNetTrainerGTV25D{scale}_smoke__fold_0"
     original, flipped = probabilities(folder, "case_006"), probabilities(folder, "flipped")
-    assert np.all(original[1, :5] == 0) and np.all(original[0, :5] == 1)
-    assert np.all(flipped[1, -5:] == 0) and np.all(flipped[0, -5:] == 1)
-    assert original[1].max() > 0.5 and flipped[1].max() > 0.5
+    for stored in (original, flipped):
+        assert np.all(stored[1, :5] == 0) and np.all(stored[0, :5] == 1) and stored[1].max() > 0.05
+    np.testing.assert_array_equal(original, flipped)  # the same CT, read in one orientation
+    flipped_segmentation = sitk.GetArrayFromImage(read(folder / "flipped.nrrd"))
+    original_segmentation = sitk.GetArrayFromImage(read(folder / "case_006.nii.gz"))
+    np.testing.assert_array_equal(flipped_segmentation, original_segmentation[::-1])
 
 
 def test_global_models_predict_background_outside_the_body(results, test_ct, tmp_path):
@@ -203,6 +207,47 @@ def test_nothing_temporary_is_left(restricted_run):
     assert leftovers == []
 
 
+def on_grid(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """``image`` taken onto ``grid`` voxel for voxel (nearest neighbour: exact where both hold the same centres)."""
+    return sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                                                image.GetPixelID()))
+
+
+def z_flipped(image: sitk.Image) -> sitk.Image:
+    """The same physical image stored with the slice order reversed: array reversed along z, the z direction
+    negated, the origin moved to the former last slice."""
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[::-1])
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    flipped.SetSpacing(image.GetSpacing())
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, image.GetSize()[2] - 1)))
+    flipped.SetDirection(tuple((direction * [1, 1, -1]).reshape(-1)))
+    return flipped
+
+
+def test_flipped_and_permuted_copies_of_a_ct_get_the_same_contour(results, test_ct, tmp_path):
+    """The plans read every CT in one orientation: copies stored with z or x flipped, or in-plane axes swapped,
+    give fused labels, entropy and probability identical to the original's, compared on the original's grid."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    original = read(test_ct)
+    copies = {"original": original, "z_flipped": z_flipped(original),
+              "x_flipped": sitk.Flip(original, [True, False, False]),
+              "permuted": sitk.PermuteAxes(original, [1, 0, 2])}
+    for name, image in copies.items():
+        sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    code, _, stderr = run(["-i", folder, "-o", out, *SMOKE, "-m", "Local:0", "Middle:0", "Global:0", *FAST, "-np", "0",
+                           "--save-probability"])
+    assert code == 0, stderr
+    for suffix in ("", "_entropy", "_probability"):
+        reference = sitk.GetArrayFromImage(read(out / f"original{suffix}.nii.gz"))
+        for name in ("z_flipped", "x_flipped", "permuted"):
+            written = read(out / f"{name}{suffix}.nii.gz")
+            assert_same_grid(written, read(folder / f"{name}.nii.gz"))  # each on its own input's grid
+            np.testing.assert_array_equal(on_grid(written, original), reference, err_msg=f"{name}{suffix}")
+    assert 0 < np.count_nonzero(sitk.GetArrayFromImage(read(out / "original.nii.gz"))) < original.GetNumberOfPixels()
+
+
 def test_sagittal_ct_is_segmented_on_its_own_grid_as_its_axial_twin(results, test_ct, tmp_path):
     """The same CT stored with sagittal slices (SimpleITK's PermuteAxes: same voxels, same world positions):
     the models see it axial, and the outputs, on the sagittal grid, hold exactly the axial run's values."""
@@ -215,8 +260,7 @@ def test_sagittal_ct_is_segmented_on_its_own_grid_as_its_axial_twin(results, tes
     code, _, stderr = run(["-i", folder, "-o", out, *SMOKE, "-m", "Local:0", "Global:0", *FAST, "-np", "0",
                            "--save-probability"])
     assert code == 0, stderr
-    assert "sagittal: slices are not axial; the image is permuted to axis order (2, 0, 1)" in stderr
-    assert "axial: slices" not in stderr
+    assert "slices are not axial" not in stderr  # the plans' reader reorients every CT
     for suffix in ("", "_entropy", "_probability"):
         sagittal = read(out / f"sagittal{suffix}.nii.gz")
         assert_same_grid(sagittal, read(folder / "sagittal.nii.gz"))
@@ -521,6 +565,38 @@ def test_continue_skips_finished_cases_unless_settings_change(results, test_ct, 
     assert code == 0 and "0 already finished, 1 to predict" in stdout
     assert all(_mtimes(tmp_path / "out")[name] > time for name, time in before.items())
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["inference"]["tile"] == "slab"
+
+
+def test_a_run_killed_and_continued_keeps_every_cases_timing_row(results, test_ct, tmp_path):
+    """kill -9 of gtv-predict as soon as its first case is finished, then --continue: timings.csv ends with one row
+    per case, the killed run's included, like the summary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(5):
+        shutil.copy(test_ct, folder / f"copy_{k}_0000.nii.gz")
+    out = tmp_path / "out"
+    args = ["-i", str(folder), "-o", str(out), *SMOKE, "-m", "Local:0", "Global:0", *FAST, "-np", "0"]
+    command = [sys.executable, "-c", "import sys; from nnunetv2_gtv.cli.predict import main; sys.exit(main())", *args]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "per_case").glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.stem for p in (out / "per_case").glob("*.json"))
+    assert 1 <= len(finished) < 5, "the run must be killed between its cases"
+    assert set(finished) <= set(_timings(out))  # each finished case's row was written as it finished
+    code, stdout, _ = run([*args, "--continue"])
+    assert code == 0 and f"{len(finished)} already finished, {5 - len(finished)} to predict" in stdout
+    timings = _timings(out)
+    assert sorted(timings) == [f"copy_{k}" for k in range(5)]
+    assert all(float(row["seconds"]) > 0 and len(row["models"].split()) == 2 for row in timings.values())
 
 
 def test_parts_share_one_output_folder(results, cts, tmp_path):

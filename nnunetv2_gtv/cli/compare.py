@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from nnunetv2_gtv.cli.common import fail
-from nnunetv2_gtv.evaluation.compare import OUTPUT_NAMES, TIMINGS_CSV, compare_folders, parse_input, parse_minutes, \
+from nnunetv2_gtv.evaluation.compare import OUTPUT_NAMES, compare_folders, parse_input, parse_minutes, \
     write_comparison
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
+from nnunetv2_gtv.runs import TIMINGS_CSV
 
 
 def _parser() -> argparse.ArgumentParser:

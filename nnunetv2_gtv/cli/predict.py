@@ -38,7 +38,8 @@ from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \
     dataset_folder_name, load_model, resolve_models
-from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases, write_timings
+from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
+from nnunetv2_gtv.runs import write_timings
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
 from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
     use_cpu_bfloat16

@@ -95,31 +95,39 @@ def record_path(output_folder: str | os.PathLike, case: str) -> Path:
     return Path(output_folder) / RECORD_FOLDER / f"{case}.json"
 
 
-def write_record(output_folder: str | os.PathLike, row: dict, fingerprint: dict) -> Path:
-    """Mark a case finished: written after all its images."""
+def write_record(output_folder: str | os.PathLike, row: dict, fingerprint: dict, timing: dict | None = None) -> Path:
+    """Mark a case finished: written after all its images; ``timing``: its seconds (gtv-predict)."""
     target = record_path(output_folder, row["case"])
     target.parent.mkdir(exist_ok=True)
-    return write_text(json.dumps({"fingerprint": fingerprint, "row": row}, indent=1), target)
+    record = {"fingerprint": fingerprint, "row": row, **({"timing": timing} if timing is not None else {})}
+    return write_text(json.dumps(record, indent=1), target)
 
 
-def load_row(output_folder: str | os.PathLike, case: str, fingerprint: dict) -> dict | None:
-    """The case's row if a record made with the same inputs and settings exists, else None."""
+def load_record(output_folder: str | os.PathLike, case: str, fingerprint: dict) -> dict | None:
+    """The case's record if one made with the same inputs and settings exists, else None."""
     try:
         record = json.loads(record_path(output_folder, case).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return record.get("row") if record.get("fingerprint") == fingerprint else None
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def load_row(output_folder: str | os.PathLike, case: str, fingerprint: dict) -> dict | None:
+    """The case's row if a record made with the same inputs and settings exists, else None."""
+    record = load_record(output_folder, case, fingerprint)
+    return None if record is None else record.get("row")
 
 
 def fuse_and_record(case: str, fuse: Callable[[], CaseResult], output_folder: str | os.PathLike, file_ending: str,
-                    settings: FusionSettings, fingerprint: dict) -> tuple[dict | None, str | None]:
+                    settings: FusionSettings, fingerprint: dict, timing: Callable[[], dict] | None = None
+                    ) -> tuple[dict | None, str | None]:
     """Run ``fuse`` (which writes ``case``'s images) and mark the case finished: (summary row, None), or on a
     fusion or file error (None, message) with the case's images removed, since OUT keeps images only of the
-    cases its summary lists."""
+    cases its summary lists. ``timing`` gives the case's seconds for its record once it is fused."""
     record_path(output_folder, case).unlink(missing_ok=True)  # the case is redone: its old row is void
     try:
         row = case_row(fuse())
-        write_record(output_folder, row, fingerprint)
+        write_record(output_folder, row, fingerprint, None if timing is None else timing())
     except (FusionInputError, OSError) as err:
         for path in output_files(case, Path(output_folder), file_ending, settings):
             path.unlink(missing_ok=True)

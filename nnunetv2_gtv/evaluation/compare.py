@@ -41,9 +41,9 @@ from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, compute_metrics, summa
 from nnunetv2_gtv.evaluation.pipeline import FUSED
 from nnunetv2_gtv.evaluation.report import JSON_NAME as EVALUATION_JSON
 from nnunetv2_gtv.evaluation.report import METRICS_CSV, _json_safe, _table, _write_csv
+from nnunetv2_gtv.runs import TIMINGS_CSV
 
 MIN_PAIRED_CASES = 6
-TIMINGS_CSV = "timings.csv"
 SECONDS = "seconds"
 TRAINING_MINUTES = "training_minutes"
 OUTPUT_NAMES = ("comparison.md", "comparison.csv", "comparison.json", "comparison_per_case.csv")

@@ -14,7 +14,7 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -26,6 +26,7 @@ from nnunetv2_gtv.ensemble.folders import DatasetInfo
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, ModelMap, Ranges, fuse_probability_maps
 from nnunetv2_gtv.ensemble.summary import fuse_and_record
 from nnunetv2_gtv.ensemble.writing import write_file, write_image, write_text
+from nnunetv2_gtv.runs import CaseTiming, write_timings
 
 MODEL_PREDICTIONS_FOLDER = "model_predictions"
 
@@ -51,6 +52,7 @@ class ExportJob:
     fingerprint: dict
     model_regions: list[Ranges | None] | None = None  # each model's box on the preprocessed grid (None: whole)
     preprocessed_shape: tuple[int, ...] = ()
+    timing: CaseTiming = field(default_factory=CaseTiming)  # filled by the prediction loop before the export ends
 
 
 def _covered_range(start: int, stop: int, preprocessed: int, cropped: int) -> tuple[int, int]:
@@ -147,7 +149,8 @@ def _probability_maps(job: ExportJob) -> Iterator[ModelMap]:
 
 
 def export_case(job: ExportJob) -> tuple[str, dict | None, str | None, float]:
-    """Fuse and write one case and its record; returns (case, summary row, error message, seconds)."""
+    """Fuse and write one case, its record (with its seconds) and its timings row; returns (case, summary row,
+    error message, seconds)."""
     start = time.perf_counter()
 
     def fuse() -> CaseResult:
@@ -156,6 +159,14 @@ def export_case(job: ExportJob) -> tuple[str, dict | None, str | None, float]:
             return fuse_probability_maps(job.case, _probability_maps(job), job.model_labels,
                                          job.output_properties, job.output_folder, job.dataset, job.fusion)
 
+    def timing() -> dict:
+        # exported beside the models (a stream): only the wait after the last model counts as export
+        models_done = getattr(job.logits, "closed_at", None)
+        job.timing.export = time.perf_counter() - (start if models_done is None else models_done)
+        return job.timing.to_json()
+
     row, error = fuse_and_record(job.case, fuse, job.output_folder, job.dataset.file_ending, job.fusion,
-                                 job.fingerprint)
+                                 job.fingerprint, timing)
+    if error is None:
+        write_timings(job.output_folder, {job.case: job.timing}, [f for f in job.model_folders if f is not None])
     return job.case, row, error, time.perf_counter() - start

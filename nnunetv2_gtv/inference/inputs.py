@@ -3,11 +3,13 @@
 A case is named after its file without the ending and without nnU-Net's channel suffix ``_0000``. Headers are
 checked before any work (3D, one component, more than one slice), intensities when a case is read.
 
-The models were trained on axial slices (array axis 0 runs superior-inferior, the 3 mm axis of the plans).
-A CT stored with another axis first (e.g. sagittal or coronal slices) is permuted so that the
-superior-inferior axis comes first before preprocessing, and its outputs are permuted back onto the input's
-own grid. Flips need nothing: nnU-Net mirrors in training and the sampling regions read the superior end from
-the direction.
+Images are read with the models' reader class. Plans of ``nnUNetPlannerGTV25D`` name nnU-Net's
+``SimpleITKIOWithReorient``: every CT is reoriented to RAS when read, so the same physical CT gives the same array,
+the same tiles and the same contour whatever its storage order or axis flips, and the outputs are written back in
+the file's own orientation. Models whose plans read with plain ``SimpleITKIO`` see a CT as stored: a CT with
+another axis first (e.g. sagittal or coronal slices) is then permuted so that the superior-inferior axis (the
+3 mm axis of the plans) comes first before preprocessing, and its outputs are permuted back onto the input's own
+grid.
 
 A folder holding DICOM files (and no image files of the endings above) is read as DICOM: each CT series under
 it is a case (``nnunetv2_gtv.dicom.series``), its outputs are NIfTI.
@@ -33,6 +35,7 @@ from nnunetv2_gtv.training.regions import superior_axis_from_direction
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DICOM_OUTPUT_ENDING = ".nii.gz"
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+REORIENTED_TO = "RAS"  # SimpleITKIOWithReorient's default orientation
 
 
 class InputError(ValueError):
@@ -236,8 +239,8 @@ def read_case(case: InputCase, reader_writer_class: type) -> tuple[np.ndarray, d
 
 
 def _read_dicom_case(series: DicomSeries, reader_writer_class: type) -> tuple[np.ndarray, dict]:
-    """A DICOM series as SimpleITKIO.read_images returns a NIfTI of it, so that its outputs are NIfTI."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    """A DICOM series as the plans' SimpleITK reader returns a NIfTI of it, so that its outputs are NIfTI."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWithReorient
 
     if not issubclass(reader_writer_class, SimpleITKIO):
         raise InputError(f"{series.folder}: DICOM input needs models whose plans read images with SimpleITKIO (these "
@@ -246,7 +249,12 @@ def _read_dicom_case(series: DicomSeries, reader_writer_class: type) -> tuple[np
         image = read_series(series)
     except DicomInputError as err:
         raise InputError(str(err)) from err
+    stuff = {}
+    if issubclass(reader_writer_class, SimpleITKIOWithReorient):  # as the reader does with a NIfTI of the series
+        stuff["original_orientation"] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+            image.GetDirection())
+        image = sitk.DICOMOrient(image, REORIENTED_TO)
     properties = {"sitk_stuff": {"spacing": image.GetSpacing(), "origin": image.GetOrigin(),
-                                 "direction": image.GetDirection()},
+                                 "direction": image.GetDirection(), **stuff},
                   "spacing": list(np.abs(image.GetSpacing()[::-1]))}
     return sitk.GetArrayFromImage(image)[None].astype(np.float32), properties

@@ -5,18 +5,14 @@ share an output folder end with one summary row per finished case.
 """
 from __future__ import annotations
 
-import csv
-import fcntl
-import io
 import multiprocessing
-import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -24,13 +20,12 @@ from tqdm import tqdm
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import DatasetInfo, label_names, label_values
 from nnunetv2_gtv.ensemble.fusion import FusionSettings, output_files
-from nnunetv2_gtv.ensemble.summary import load_row
-from nnunetv2_gtv.ensemble.writing import write_text
-from nnunetv2_gtv.evaluation.compare import TIMINGS_CSV
+from nnunetv2_gtv.ensemble.summary import load_record, load_row
 from nnunetv2_gtv.inference.export import ExportJob, export_case, prepare_model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputCase, InputError, axial_permutation, intensity_warning, permute_case, \
     read_case
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
+from nnunetv2_gtv.runs import CaseTiming
 
 Log = Callable[[str], None]
 
@@ -50,35 +45,13 @@ class RunOptions:
 
 
 @dataclass
-class CaseTiming:
-    """Seconds spent on one case: reading + preprocessing + regions, each model, export (resampling + fusion).
-
-    Exported in an overlapping thread, ``export`` is only the wait after the last model: the rest overlapped
-    the models' prediction. Otherwise it is the export's whole time for the case.
-    """
-
-    preprocessing: float = 0.0
-    models: list[float] = field(default_factory=list)
-    export: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.preprocessing + sum(self.models) + self.export
-
-    def describe(self) -> str:
-        models = " + ".join(f"{s:.1f}" for s in self.models)
-        return (f"{self.total:.1f} s: reading and preprocessing {self.preprocessing:.1f} s, models {models} s, "
-                f"export {self.export:.1f} s")
-
-
-@dataclass
 class RunReport:
     rows: dict[str, dict] = field(default_factory=dict)  # every finished case in OUT with these settings
     done: list[str] = field(default_factory=list)  # cases this run finished
     skipped: list[str] = field(default_factory=list)  # already finished (--continue)
     failures: list[str] = field(default_factory=list)  # error messages
     warnings: list[str] = field(default_factory=list)
-    timings: dict[str, CaseTiming] = field(default_factory=dict)  # this run's finished cases
+    timings: dict[str, CaseTiming] = field(default_factory=dict)  # every finished case in OUT (from the records)
 
 
 def dataset_info(ensemble: EnsemblePredictor, case: InputCase) -> DatasetInfo:
@@ -105,12 +78,15 @@ class LogitsStream:
     def __init__(self, capacity: int = 2):
         self._queue: queue.Queue = queue.Queue(capacity)
         self._ended = False
+        self.closed_at: float | None = None
 
     def append(self, logits: np.ndarray) -> None:
         """Hand over one model's logits (named as ``list.append``: the pipeline fills either)."""
         self._queue.put(logits)
 
     def close(self) -> None:
+        """The last model is in: the export's remaining time from now on is what the case waits for."""
+        self.closed_at = time.perf_counter()
         self._queue.put(self._END)
 
     def abort(self, message: str) -> None:
@@ -277,7 +253,7 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
                                           prepared.output_properties, prepared.permutation, plans,
                                           ensemble.configuration_manager.configuration, ensemble.dataset_json,
                                           output_folder, dataset_info(ensemble, case), fusion, fingerprint,
-                                          regions, tuple(prepared.data.shape[1:])))
+                                          regions, tuple(prepared.data.shape[1:]), timing))
         try:
             for model in ensemble.models:
                 progress.set_description(f"{case.case} {model.label}")
@@ -308,43 +284,10 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
         else:
             report.failures.append(error)
     for case in cases:  # cases finished earlier or by other parts, with the same models and settings
-        if case.case not in report.rows:
-            row = load_row(output_folder, case.case, case_fingerprint(run_fingerprint, case))
-            if row is not None:
-                report.rows[case.case] = row
+        record = load_record(output_folder, case.case, case_fingerprint(run_fingerprint, case))
+        if record is None:
+            continue
+        report.rows.setdefault(case.case, record["row"])
+        if case.case not in report.timings and "timing" in record:
+            report.timings[case.case] = CaseTiming.from_json(record["timing"])
     return report
-
-
-TIMINGS_COLUMNS = ("case", "seconds", "preprocessing", "models", "export")
-
-
-def write_timings(output_folder: Path, timings: Mapping[str, CaseTiming], model_folders: Sequence[Path] = ()) -> None:
-    """``timings.csv`` in the output folder (seconds = the whole case, then its parts) and in each model's own
-    folder (seconds = reading and preprocessing + that model's network time). Rows of cases this run did not do
-    (earlier runs, other parts sharing the folder) are kept; a lock on the output folder serialises the parts."""
-    if not timings:
-        return
-    tables = [(Path(output_folder), lambda t: t.total)]
-    tables += [(Path(folder), lambda t, i=i: t.preprocessing + t.models[i]) for i, folder in enumerate(model_folders)]
-    folder_handle = os.open(output_folder, os.O_RDONLY)
-    try:
-        fcntl.flock(folder_handle, fcntl.LOCK_EX)
-        for folder, seconds in tables:
-            _merge_timings(folder / TIMINGS_CSV, timings, seconds)
-    finally:
-        os.close(folder_handle)
-
-
-def _merge_timings(path: Path, timings: Mapping[str, CaseTiming], seconds: Callable[[CaseTiming], float]) -> None:
-    rows = {}
-    if path.is_file():
-        with open(path, newline="") as handle:
-            rows = {row["case"]: row for row in csv.DictReader(handle) if row.get("case")}
-    for case, timing in timings.items():
-        rows[case] = {"case": case, "seconds": f"{seconds(timing):.2f}", "preprocessing": f"{timing.preprocessing:.2f}",
-                      "models": " ".join(f"{m:.2f}" for m in timing.models), "export": f"{timing.export:.2f}"}
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, TIMINGS_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows[case] for case in sorted(rows))
-    write_text(buffer.getvalue(), path)

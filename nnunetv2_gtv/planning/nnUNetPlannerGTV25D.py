@@ -12,6 +12,10 @@ What differs from nnU-Net's default ``ExperimentPlanner`` (everything else is nn
   (``intensity_statistics = "clipped_body"``), the mean and std of the training images' body voxels
   (HU > ``body_threshold_hu``) after clipping to the window (paper section 3.1). With
   ``intensity_statistics = "foreground"`` it keeps nnU-Net's statistics of the labelled voxels instead;
+- images are read in one orientation whatever their storage order: for NIfTI/NRRD/MHA the plans name nnU-Net's
+  ``SimpleITKIOWithReorient`` (every image reoriented to RAS when read, segmentations written back in the file's
+  own orientation), so training, ``nnUNetv2_predict`` and ``gtv-predict`` see the same array for the same CT
+  however it is stored, and the 2.5D network's tiles fall on the same voxels;
 - the dataset must have exactly one channel, named CT;
 - plans are written whole (atomically), never merged with configurations of an older file of the same name.
 """
@@ -70,6 +74,14 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
             raise GTVPlansError(
                 f"{dataset_json}: channel 0 is '{name}', but nnUNetPlannerGTV25D is for CT in Hounsfield units "
                 f"(channel_names must be {{\"0\": \"CT\"}})")
+
+    def determine_reader_writer(self):
+        """nnU-Net's reader for the dataset's files, reorienting (SimpleITKIOWithReorient) where that is
+        SimpleITKIO: a z-flipped or axis-permuted copy of a CT must give the same contour."""
+        from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWithReorient
+
+        reader = super().determine_reader_writer()
+        return SimpleITKIOWithReorient if reader is SimpleITKIO else reader
 
     def determine_fullres_target_spacing(self) -> np.ndarray:
         return np.array(self.target_spacing_zyx)
