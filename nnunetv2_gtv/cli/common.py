@@ -48,7 +48,7 @@ def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="also write <case>_probability: the mean foreground probability (float32)")
     parser.add_argument("--vvc-threshold", type=float, default=FusionSettings.vvc_threshold, metavar="VVC",
                         help="review=true when VVC exceeds this (default %(default)s; the paper's Fig. 12 spans "
-                             "0.06-0.16) for the case or any of its labels, or when every model found nothing")
+                             "0.06-0.16; with several labels: any label's own VVC), or when every model found nothing")
 
 
 def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os.PathLike | None = None
@@ -91,8 +91,9 @@ def fusion_settings_record(settings: FusionSettings) -> dict:
         "entropy_log": "natural",
         "save_probability": settings.save_probability,
         "vvc_threshold": settings.vvc_threshold,
-        "vvc_std": "population (ddof=0) over the models whose region holds the whole fused label (all models when "
-                   "none does or the label is empty); VVC empty/null when fewer than 2 models or all volumes are 0",
+        "vvc_std": "population (ddof=0) over the models whose region holds at least half of the fused label's voxels "
+                   "(all models when fewer than two do, or the label is empty); VVC empty/null when fewer than 2 "
+                   "models or all volumes are 0",
         "sum_tolerance": settings.sum_tolerance,
     }
 

@@ -130,7 +130,7 @@ class FusionSettings:
 @dataclass(frozen=True)
 class LabelResult:
     """One foreground label of a case: volumes in ml (None for a model that lacks the case), VVC over the models
-    whose region holds the whole fused label (``vvc_models``, 1-based), components removed by its rule."""
+    whose region holds most of the fused label (``vvc_models``, 1-based), components removed by its rule."""
 
     label: int
     name: str
@@ -545,15 +545,19 @@ def _fuse_maps(case: str, maps: Iterable[np.ndarray | ModelMap], names: list[str
     return _write_fused(case, accumulator, counts, regions, properties, shape, output_folder, dataset, settings)
 
 
-def _vvc_models(box: tuple[slice, ...] | None, regions: Sequence[Ranges | None], present: Sequence[int]
-                ) -> list[int]:
-    """The models (indices) whose region holds the whole box of a fused label: a model that never saw part of
-    the label would count as disagreeing. All present models when the label is empty or none holds it."""
-    if box is None:
+VVC_MIN_SHARE = 0.5  # a model's volume enters a label's VVC when its region holds at least this share of the label
+
+
+def _vvc_models(mask: np.ndarray, regions: Sequence[Ranges | None], present: Sequence[int]) -> list[int]:
+    """The models (indices) whose region holds at least VVC_MIN_SHARE of a fused label's voxels: a model that did
+    not look at most of the label would count as disagreeing. All present models when the label is empty or fewer
+    than two qualify."""
+    total = int(np.count_nonzero(mask))
+    if total == 0:
         return list(present)
-    holding = [i for i in present if regions[i] is None
-               or all(lo <= s.start and s.stop <= hi for (lo, hi), s in zip(regions[i], box))]
-    return holding or list(present)
+    holding = [i for i in present if regions[i] is None or np.count_nonzero(
+        mask[tuple(slice(max(0, lo), max(0, hi)) for lo, hi in regions[i])]) >= VVC_MIN_SHARE * total]
+    return holding if len(holding) >= 2 else list(present)
 
 
 def _label_result(label: int, name: str, counts: Sequence[np.ndarray | None], regions: Sequence[Ranges | None],
@@ -562,7 +566,7 @@ def _label_result(label: int, name: str, counts: Sequence[np.ndarray | None], re
     present = [i for i, c in enumerate(counts) if c is not None]
     volumes = tuple(None if c is None else int(c[label]) * voxel_ml for c in counts)
     mask = segmentation == label
-    chosen = _vvc_models(_label_box(mask), regions, present)
+    chosen = _vvc_models(mask, regions, present)
     vvc = volume_variation_coefficient([volumes[i] for i in chosen])
     return LabelResult(label, name, volumes, int(np.count_nonzero(mask)) * voxel_ml, vvc,
                        tuple(i + 1 for i in chosen), removed, bool(vvc > settings.vvc_threshold))
@@ -597,7 +601,7 @@ def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray |
                                  voxel_ml, settings) for label in range(1, shape[0]))
     present = [i for i, c in enumerate(counts) if c is not None]
     volumes = tuple(None if c is None else int(c[1:].sum()) * voxel_ml for c in counts)
-    chosen = _vvc_models(_label_box(segmentation > 0), regions, present)
+    chosen = _vvc_models(segmentation > 0, regions, present)
     vvc = volume_variation_coefficient([volumes[i] for i in chosen])
     return CaseResult(
         case=case,
@@ -606,8 +610,8 @@ def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray |
         fused_volume_ml=int(np.count_nonzero(segmentation)) * voxel_ml,
         vvc=vvc,
         components_removed=sum(removed.values()),
-        review=bool(vvc > settings.vvc_threshold or not any(volumes[i] for i in present)
-                    or any(result.review for result in labels)),
+        # flagged by a label's own VVC: pooled over labels, a model that did not look at a node would disagree
+        review=bool(any(result.review for result in labels) or not any(volumes[i] for i in present)),
         missing_models=tuple(i + 1 for i, c in enumerate(counts) if c is None),
         outputs=(seg_file, entropy_file, *probability_file),
         labels=labels,
