@@ -3,8 +3,8 @@
 Each of ``num_models`` "models" segments a case's reference label shifted by a voxel, and, depending on how hard
 the case is drawn to be, grown or shrunk in-plane by up to 1 or 3 mm and sometimes with a false-positive blob; the votes are fused as
 gtv-uncertainty fuses them (majority, largest component, vote entropy, VVC) and written with gtv-uncertainty's
-file names and summary files. The models of the demo (``setup_scripts/run_demo.sh``) train for 10 iterations
-and segment no GTV; these outputs look like those of models that roughly found it.
+file names and summary files: outputs that look like those of models that roughly found the GTV, for the review
+page's tests and benchmark without training. One foreground label only (refused otherwise).
 """
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ def simulate_case(label_path: Path, output_folder: Path, num_models: int, rng: n
                   settings: FusionSettings = FusionSettings()) -> dict:
     """Write ``<case>`` and ``<case>_entropy`` next to each other in ``output_folder``; return the summary row."""
     reference = sitk.ReadImage(str(label_path))
-    label = sitk.GetArrayFromImage(reference) > 0
+    values = sitk.GetArrayFromImage(reference)
+    if values.max() > 1:
+        raise ValueError(f"{label_path}: labels {sorted(set(values.ravel().tolist()) - {0})}; the simulated ensemble "
+                         "segments one foreground label (a dataset without --nodes)")
+    label = values > 0
     spacing_zyx = reference.GetSpacing()[::-1]
     votes = np.zeros(label.shape, np.uint8)
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
