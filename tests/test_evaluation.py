@@ -580,7 +580,8 @@ def two_label_folder(tmp_path):
     for case, fused in FUSED.items():
         write_image(labels / f"{case}.nii.gz", REF + node)
         write_image(fused_dir / f"{case}.nii.gz", fused + nodes[case])
-        rows.append({"case": case, "vvc": 0.1, "vvc_GTVp": VVC[case], "vvc_GTVnd": {"a": 0.2, "b": 0.9, "c": 0.1}[case[-1]]})
+        node_vvc = {"a": 0.2, "b": 0.9, "c": 0.1}[case[-1]]
+        rows.append({"case": case, "vvc": 0.1, "vvc_GTVp": VVC[case], "vvc_GTVnd": node_vvc})
     with open(fused_dir / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -36,11 +36,11 @@ class EvaluationSettings:
     """Options of one evaluation; see :mod:`nnunetv2_gtv.evaluation.uncertainty_analysis` for the regions.
 
     ``label`` is the one foreground label to evaluate; None (the default) evaluates every foreground label of the
-    label set, each on its own, and their mean. ``nsd_tolerance_mm`` is the NSD's tolerance. ``images_dir`` holds the CT images as
-    ``<case>_0000<file_ending>`` (nnU-Net naming); it is needed by the ``body`` region, and whenever it is
-    given every case gets an overlay figure. ``unknown_labels``: what a segmentation value outside the dataset's
-    label set does, ``refuse`` (an error naming the file) or ``background`` (counted as background everywhere:
-    Dice, volumes, distances and error rates, and listed).
+    label set, each on its own, and their mean. ``nsd_tolerance_mm`` is the NSD's tolerance. ``images_dir`` holds
+    the CT images as ``<case>_0000<file_ending>`` (nnU-Net naming); it is needed by the ``body`` region, and
+    whenever it is given every case gets an overlay figure. ``unknown_labels``: what a segmentation value outside
+    the dataset's label set does, ``refuse`` (an error naming the file) or ``background`` (counted as background
+    everywhere: Dice, volumes, distances and error rates, and listed).
     """
 
     label: int | None = None

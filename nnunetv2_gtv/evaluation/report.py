@@ -42,7 +42,8 @@ OVERLAY_CAPTION = (
     "the volume); physical aspect ratio, patient right on the image left, anterior / superior up.")
 MANY_LEVELS = 20  # more distinct entropy values than N-model votes give in practice
 DIGITS = {"dice": 4, "nsd": 4, "assd_mm": 2, "hd95_mm": 2, "rve_percent": 1}
-METRIC_HEADERS = {"dice": "Dice", "nsd": "NSD", "assd_mm": "ASSD (mm)", "hd95_mm": "HD95 (mm)", "rve_percent": "RVE (%)"}
+METRIC_HEADERS = {"dice": "Dice", "nsd": "NSD", "assd_mm": "ASSD (mm)", "hd95_mm": "HD95 (mm)",
+                  "rve_percent": "RVE (%)"}
 DEFINITIONS = {
     "dice": "2|P&G| / (|P|+|G|)",
     "nsd": "share of both surfaces' voxels within the tolerance (settings.nsd_tolerance_mm) of the other surface",
