@@ -24,19 +24,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_gtv.cli.predict import main as predict_main
+from nnunetv2_gtv.demo.synthetic import reversed_slice_order
 from nnunetv2_gtv.evaluation.metrics import dice_score
 
 
-def z_flipped(image: sitk.Image) -> sitk.Image:
-    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[::-1])
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    flipped.SetSpacing(image.GetSpacing())
-    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, image.GetSize()[2] - 1)))
-    flipped.SetDirection(tuple((direction * [1, 1, -1]).reshape(-1)))
-    return flipped
-
-
-COPIES = {"z_flipped": z_flipped, "x_flipped": lambda image: sitk.Flip(image, [True, False, False]),
+COPIES = {"z_flipped": reversed_slice_order, "x_flipped": lambda image: sitk.Flip(image, [True, False, False]),
           "xy_swapped": lambda image: sitk.PermuteAxes(image, [1, 0, 2])}
 
 

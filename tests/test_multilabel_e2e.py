@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIOWithReorient
 from scipy import ndimage
 
 from conftest import clean_env, run_cli
@@ -103,10 +104,12 @@ def test_gtvp_and_gtvnd_from_patient_folders_to_rtstruct_and_seg(tmp_path):
     with np.load(folders[0] / f"{fused_case}.npz") as local:
         assert "region" in local  # the Local model ran in its region; the fusion left it out elsewhere
     expected = region_aware_fusion(folders, fused_case)
-    np.testing.assert_array_equal(fused == 2, expected == 2)  # GTVnd ("all"): every component kept
+    # the saved probabilities are in the orientation the plans read CTs in (RAS): the fused file read the same way
+    fused_as_read = SimpleITKIOWithReorient().read_seg(str(out / f"{fused_case}.nii.gz"))[0][0]
+    np.testing.assert_array_equal(fused_as_read == 2, expected == 2)  # GTVnd ("all"): every component kept
     components, count = ndimage.label(expected == 1)  # GTVp ("largest"): its largest component, 6-connected
     largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1 if count else components > 0
-    np.testing.assert_array_equal(fused == 1, largest)
+    np.testing.assert_array_equal(fused_as_read == 1, largest)
     assert row["components_removed_GTVnd"] == 0 and row["components_removed_GTVp"] == max(count - 1, 0)
 
     ct = ct_headers(tmp_path / "dicom" / case)

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from conftest import DATASET_ID, DATASET_NAME, kill_while_writing, run_cli
 from nnunetv2_gtv.cli.predict import main
 from nnunetv2_gtv.cli.uncertainty import main as uncertainty_main
+from nnunetv2_gtv.demo.synthetic import reversed_slice_order
 from nnunetv2_gtv.inference.inputs import InputError, find_cases, intensity_warning
 from nnunetv2_gtv.inference.models import ModelError, load_model, parse_model_spec, resolve_models
 from nnunetv2_gtv.inference.settings import InferenceSettings, parse_tile, tile_shape
@@ -213,24 +214,13 @@ def on_grid(image: sitk.Image, grid: sitk.Image) -> np.ndarray:
                                                 image.GetPixelID()))
 
 
-def z_flipped(image: sitk.Image) -> sitk.Image:
-    """The same physical image stored with the slice order reversed: array reversed along z, the z direction
-    negated, the origin moved to the former last slice."""
-    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[::-1])
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    flipped.SetSpacing(image.GetSpacing())
-    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, image.GetSize()[2] - 1)))
-    flipped.SetDirection(tuple((direction * [1, 1, -1]).reshape(-1)))
-    return flipped
-
-
 def test_flipped_and_permuted_copies_of_a_ct_get_the_same_contour(results, test_ct, tmp_path):
     """The plans read every CT in one orientation: copies stored with z or x flipped, or in-plane axes swapped,
     give fused labels, entropy and probability identical to the original's, compared on the original's grid."""
     folder = tmp_path / "in"
     folder.mkdir()
     original = read(test_ct)
-    copies = {"original": original, "z_flipped": z_flipped(original),
+    copies = {"original": original, "z_flipped": reversed_slice_order(original),
               "x_flipped": sitk.Flip(original, [True, False, False]),
               "permuted": sitk.PermuteAxes(original, [1, 0, 2])}
     for name, image in copies.items():

@@ -244,6 +244,17 @@ def to_sitk_image(array: np.ndarray, geometry: CaseGeometry) -> sitk.Image:
     return img
 
 
+def reversed_slice_order(image: sitk.Image) -> sitk.Image:
+    """The same physical image stored with the slice order reversed: array reversed along z, the z direction
+    negated, the origin moved to the former last slice (how orientation handling is checked)."""
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(image)[::-1])
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    flipped.SetSpacing(image.GetSpacing())
+    flipped.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, image.GetSize()[2] - 1)))
+    flipped.SetDirection(tuple((direction * [1, 1, -1]).reshape(-1)))
+    return flipped
+
+
 def _orientation_plan(n_cases: int, mode: str) -> list[str]:
     if mode == "identity":
         return ["identity"] * n_cases
