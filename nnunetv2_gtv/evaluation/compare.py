@@ -160,9 +160,8 @@ def _check_same_cases(found: dict[str, list[str]]) -> list[str]:
 
 
 def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], reference_values: set[int],
-                  label: int | None) -> set[int]:
-    """One label set for all inputs: the declared sets (dataset.json) agree, observed values lie within it; returns
-    the label set."""
+                  label: int | None) -> None:
+    """One label set for all inputs: the declared sets (dataset.json) agree, observed values lie within it."""
     sets = list(declared.items())
     for name, labels in sets[1:]:
         if labels != sets[0][1]:
@@ -175,7 +174,6 @@ def _check_labels(declared: dict[str, set[int]], observed: dict[str, set[int]], 
                                        f"set {sorted(allowed)}: compare models of one label set")
     if label is not None and (label not in allowed or label == 0):
         raise EvaluationInputError(f"--label {label} is not a foreground label of the label set {sorted(allowed)}")
-    return allowed
 
 
 def _declared_names(folders: Sequence[Path]) -> dict[int, str]:
@@ -248,28 +246,28 @@ def compare_folders(inputs: Sequence[CompareInput], reference: Path, label: int 
     declared = {item.name: labels for item in inputs
                 if item.name in endings and (labels := _declared_labels(item.folder)) is not None}
     reference_values: set[int] = set()
-    observed: dict[str, set[int]] = {name: set() for name in endings}
     for case in cases:
+        reference_values |= set(np.unique(read_volume(references[case]).array).tolist())
+    candidates = next(iter(declared.values())) if declared else reference_values | {0}
+    if label is not None and (label not in candidates or label == 0):
+        raise EvaluationInputError(f"--label {label} is not a foreground label of the label set {sorted(candidates)}")
+    label_names = _declared_names([prediction_folders[n] for n in endings])
+    compared = [label] if label is not None else sorted(v for v in candidates if v > 0)
+    labels = {value: label_names.get(value, f"label_{value}") for value in compared}
+    result = Comparison(reference, labels, baseline, list(inputs), cases, training_minutes=dict(training_minutes or {}))
+    observed: dict[str, set[int]] = {name: set() for name in endings}
+    for name in endings:
+        result.label_metrics[name] = {labels[v]: {} for v in compared}
+    for case in cases:  # each prediction read once: its labels checked, its metrics computed
         ref = read_volume(references[case])
-        reference_values |= set(np.unique(ref.array).tolist())
         for name, file_ending in endings.items():
             prediction = read_volume(prediction_folders[name] / f"{case}{file_ending}")
             check_same_grid(prediction, ref)
             observed[name] |= set(np.unique(prediction.array).tolist())
-    allowed = _check_labels(declared, observed, reference_values, label)
-    label_names = _declared_names([prediction_folders[n] for n in endings])
-    compared = [label] if label is not None else sorted(v for v in allowed if v > 0)
-    labels = {value: label_names.get(value, f"label_{value}") for value in compared}
-    result = Comparison(reference, labels, baseline, list(inputs), cases, training_minutes=dict(training_minutes or {}))
-    for name, file_ending in endings.items():
-        by_label: dict[str, dict[str, dict]] = {labels[v]: {} for v in compared}
-        for case in cases:
-            ref = read_volume(references[case])
-            prediction = read_volume(prediction_folders[name] / f"{case}{file_ending}").array
             for value in compared:
-                metrics = compute_metrics(prediction == value, ref.array == value, ref.spacing_zyx)
-                by_label[labels[value]][case] = {n: getattr(metrics, n) for n in METRIC_NAMES}
-        result.label_metrics[name] = by_label
+                metrics = compute_metrics(prediction.array == value, ref.array == value, ref.spacing_zyx)
+                result.label_metrics[name][labels[value]][case] = {n: getattr(metrics, n) for n in METRIC_NAMES}
+    _check_labels(declared, observed, reference_values, label)
     for name in evaluations:
         wanted = set(labels.values())
         if not wanted <= evaluated_labels[name]:

@@ -53,9 +53,9 @@ def choose_postprocessing(fused_dir: str | Path, labels_dir: str | Path, connect
         reference = read_volume(find_image(labels_dir, case, ending))
         check_same_grid(fused, reference)
         voxel_ml = float(np.prod(reference.spacing)) / 1000.0
+        kept = fused.array.copy()  # each label's components are found on its own mask: one pass serves all labels
+        filter_components(kept, connectivity, {label: ComponentRule("largest") for label in foreground}, voxel_ml)
         for label in foreground:
-            kept = fused.array.copy()
-            filter_components(kept, connectivity, {label: ComponentRule("largest")}, voxel_ml)
             dice[label]["all"].append(dice_score(fused.array == label, reference.array == label))
             dice[label]["largest"].append(dice_score(kept == label, reference.array == label))
     rules, record = {}, {}
