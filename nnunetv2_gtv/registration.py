@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from nnunetv2_gtv.file_modes import make_shareable
+from nnunetv2_gtv.io.file_modes import make_shareable
 
 PLUGIN_FOLDER_NAME = "nnunetv2_gtv_plugin"
 SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))  # [lower, upper)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from nnunetv2_gtv.ensemble.writing import write_text
+from nnunetv2_gtv.io.atomic import write_text
 
 TIMINGS_CSV = "timings.csv"
 TIMINGS_COLUMNS = ("case", "seconds", "preprocessing", "models", "export")

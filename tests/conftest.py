@@ -38,7 +38,7 @@ def kill_while_writing(target: Path) -> None:
     """A process killed (SIGKILL) in the middle of writing ``target`` through the project's writer: it leaves the
     writer's temporary file behind, owned by a process that no longer exists."""
     script = ("import os, signal, sys\n"
-              "from nnunetv2_gtv.ensemble.writing import write_file\n"
+              "from nnunetv2_gtv.io.atomic import write_file\n"
               "write_file(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))")
     done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, timeout=120)
     assert done.returncode == -9, done.stderr

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from conftest import kill_while_writing
 from nnunetv2_gtv.cli.uncertainty import main
 from nnunetv2_gtv.ensemble import DatasetInfo, FusionInputError, FusionSettings, fuse_case, open_prediction_folder
-from nnunetv2_gtv.ensemble.writing import write_image
+from nnunetv2_gtv.io.images import write_image
 
 SHAPE = (9, 20, 24)  # z, y, x
 SPACING = (0.7, 0.9, 3.1)  # x, y, z
@@ -423,7 +423,7 @@ def test_output_folder_that_is_inside_or_holds_an_input_is_refused(tmp_path, pro
 
 
 def test_a_resumed_run_removes_temporary_files_that_no_live_process_owns(tmp_path, properties, capsys):
-    from nnunetv2_gtv.ensemble.writing import _temporary_path
+    from nnunetv2_gtv.io.atomic import temporary_path
 
     folders = write_models(tmp_path, [{"c1": binary(blocks()), "c2": binary(blocks())}] * 2, properties)
     out = tmp_path / "out"
@@ -433,7 +433,7 @@ def test_a_resumed_run_removes_temporary_files_that_no_live_process_owns(tmp_pat
     kill_while_writing(out / "per_case" / "c2.json")
     stale = [p for p in out.rglob(".*") if p.is_file()]
     assert len(stale) == 2
-    live = _temporary_path(out / "c1_entropy.nii.gz", ".nii.gz")  # this process is alive: its file is kept
+    live = temporary_path(out / "c1_entropy.nii.gz", ".nii.gz")  # this process is alive: its file is kept
     live.write_bytes(b"being written")
     unrelated = out / ".c1.nii.gz.notes.tmp"  # not the writer's naming scheme
     unrelated.write_text("")

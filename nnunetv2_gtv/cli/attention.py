@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from nnunetv2_gtv.cli.common import fail  # noqa: E402
 from nnunetv2_gtv.cli.predict import _add_inference_arguments, _add_model_arguments, _set_threads  # noqa: E402
-from nnunetv2_gtv.ensemble.writing import check_writable  # noqa: E402
+from nnunetv2_gtv.io.atomic import check_writable  # noqa: E402
 from nnunetv2_gtv.inference.attention import DEFAULT_BLOCK, AttentionBlockError, attention_blocks, \
     write_attention_maps  # noqa: E402
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Sequence
 from nnunetv2_gtv.ensemble.fusion import AUTO_COMPONENTS, OUTSIDE_REGION_RULES, FusionSettings
 from nnunetv2_gtv.ensemble.postprocessing import read_postprocessing
 from nnunetv2_gtv.ensemble.summary import package_versions, write_summaries
-from nnunetv2_gtv.ensemble.writing import check_writable, remove_stale_temporaries
+from nnunetv2_gtv.io.atomic import check_writable, remove_stale_temporaries
 
 
 def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rule_file_default: str = ""

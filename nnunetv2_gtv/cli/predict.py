@@ -33,7 +33,7 @@ from nnunetv2_gtv.dicom.outputs import write_run_outputs
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import label_names, label_values
 from nnunetv2_gtv.ensemble.postprocessing import POSTPROCESSING_FILE
-from nnunetv2_gtv.ensemble.writing import check_outside_inputs
+from nnunetv2_gtv.io.folders import check_outside_inputs
 from nnunetv2_gtv.inference.export import model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, dicom_series_of_cases, find_cases
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, LoadedModel, ModelError, check_shared_preprocessing, \

@@ -25,7 +25,7 @@ from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo, check_compatible, match_cases, open_prediction_folder
 from nnunetv2_gtv.ensemble.fusion import fuse_case, output_files
 from nnunetv2_gtv.ensemble.summary import fuse_and_record, load_row
-from nnunetv2_gtv.ensemble.writing import OutputFolderError, check_outside_inputs
+from nnunetv2_gtv.io.folders import OutputFolderError, check_outside_inputs
 
 PROG = "gtv-uncertainty"
 

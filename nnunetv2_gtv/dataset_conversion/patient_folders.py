@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_gtv.dataset_conversion.staging import existing_datasets, staged_dataset
+from nnunetv2_gtv.dataset_conversion.staging import existing_datasets
+from nnunetv2_gtv.io.atomic import staged_folder
 
 SPLIT_FILE = "split.json"
 GEOMETRY_TOLERANCE = 1e-3  # mm (spacing, origin) and direction cosines: a mask must lie on its CT's grid
@@ -233,7 +234,7 @@ def write_dataset(source: str | os.PathLike, raw_dir: str | os.PathLike, dataset
     else:
         split = draw_split(list(patients), num_test, seed)
     unused = sorted(set(patients) - set(split["train"]) - set(split["test"]))
-    with staged_dataset(target, existing) as staging:
+    with staged_folder(target, existing) as staging:
         for part, suffix in (("train", "Tr"), ("test", "Ts")):
             (staging / f"images{suffix}").mkdir()
             (staging / f"labels{suffix}").mkdir()

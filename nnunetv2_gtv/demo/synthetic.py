@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_gtv.dataset_conversion.staging import existing_datasets, staged_dataset
+from nnunetv2_gtv.dataset_conversion.staging import existing_datasets
+from nnunetv2_gtv.io.atomic import staged_folder
 
 # HU values of the tissues
 AIR_HU = -1000.0
@@ -297,7 +298,7 @@ def write_dataset(
             f"{existing[0]} exists and is not empty; pass --overwrite to replace it (dataset id {dataset_id})"
         )
     rng = np.random.default_rng(seed)
-    with staged_dataset(target, existing) as staging:
+    with staged_folder(target, existing) as staging:
         splits = [("Tr", f"case_{i:03d}") for i in range(num_train)]
         splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]
         for (split, case), orientation in zip(splits, _orientation_plan(len(splits), orientations)):

@@ -34,7 +34,7 @@ from skimage.measure import find_contours
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.dicom.common import MANUFACTURER, MODEL_NAME, ct_header, series_description
 from nnunetv2_gtv.dicom.series import DicomSeries
-from nnunetv2_gtv.ensemble.writing import write_file
+from nnunetv2_gtv.io.atomic import write_file
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 SERIES_NUMBER = 901

@@ -20,7 +20,7 @@ from nnunetv2_gtv import __version__
 from nnunetv2_gtv.dicom.common import MANUFACTURER, MODEL_NAME, ct_header, series_description
 from nnunetv2_gtv.dicom.labels import LabelCoding
 from nnunetv2_gtv.dicom.series import DicomSeries
-from nnunetv2_gtv.ensemble.writing import write_file
+from nnunetv2_gtv.io.atomic import write_file
 
 SERIES_NUMBER = 902
 

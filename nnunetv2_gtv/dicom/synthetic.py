@@ -24,7 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from nnunetv2_gtv.demo.synthetic import CaseGeometry, render_case, to_sitk_image
 from nnunetv2_gtv.dicom.series import CT_IMAGE_STORAGE
-from nnunetv2_gtv.ensemble.writing import write_file
+from nnunetv2_gtv.io.atomic import write_file
 
 RESCALE_INTERCEPT = -1024
 

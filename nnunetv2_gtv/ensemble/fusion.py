@@ -22,7 +22,7 @@ from scipy.special import xlogy
 from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
 from nnunetv2_gtv.ensemble.probability_file import open_probabilities, read_region
-from nnunetv2_gtv.ensemble.writing import write_image
+from nnunetv2_gtv.io.images import write_image
 
 CHUNK_VOXELS = 1 << 20  # 4 MiB of float32 per streamed chunk
 CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy generate_binary_structure(3, rank)

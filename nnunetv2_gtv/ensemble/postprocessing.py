@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunetv2_gtv.ensemble.fusion import CONNECTIVITY_RANK, ComponentRule
-from nnunetv2_gtv.ensemble.writing import write_text
+from nnunetv2_gtv.io.atomic import write_text
 
 POSTPROCESSING_FILE = "gtv_postprocessing.json"
 FORMAT = "nnunetv2_gtv.postprocessing/1"

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, output_files
-from nnunetv2_gtv.ensemble.writing import write_text
+from nnunetv2_gtv.io.atomic import write_text
 
 RECORD_FOLDER = "per_case"
 DECIMALS = 6

@@ -29,7 +29,6 @@ from scipy import stats
 from nnunetv2_gtv.figures import evaluation_plots as plots
 from nnunetv2_gtv.evaluation.folders import (
     EvaluationInputError,
-    atomic_output,
     check_same_grid,
     detect_file_ending,
     find_image,
@@ -41,6 +40,7 @@ from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, compute_metrics, summa
 from nnunetv2_gtv.evaluation.pipeline import FUSED
 from nnunetv2_gtv.evaluation.report import JSON_NAME as EVALUATION_JSON
 from nnunetv2_gtv.evaluation.report import METRICS_CSV, _json_safe, _table, _write_csv
+from nnunetv2_gtv.io.atomic import atomic_path
 from nnunetv2_gtv.runs import TIMINGS_CSV
 
 MIN_PAIRED_CASES = 6
@@ -403,13 +403,13 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
            "min_paired_cases": MIN_PAIRED_CASES, "summary": rows, "per_case": result.metrics,
            "per_case_per_label": result.label_metrics,
            "seconds": result.seconds, TRAINING_MINUTES: result.training_minutes, "notes": result.notes}
-    with atomic_output(json_file) as tmp:
+    with atomic_path(json_file) as tmp:
         tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
     pngs = []
     for metric, (label, scale, _) in TABLE_METRICS.items():
         pngs.append(output_dir / f"box_{metric}.png")
         plots.box_plot({item.name: [result.metrics[item.name][c][metric] * scale for c in result.cases]
                         for item in result.inputs}, pngs[-1], label, f"{label} per case")
-    with atomic_output(md) as tmp:
+    with atomic_path(md) as tmp:
         tmp.write_text(markdown(result, rows, command))
     return [md, summary_csv, json_file, per_case_csv, *pngs]

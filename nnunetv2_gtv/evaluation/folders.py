@@ -1,21 +1,16 @@
 """Reading the fused-output folder, the reference labels and the per-model prediction folders (files only)."""
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_gtv.ensemble.errors import FusionInputError
 from nnunetv2_gtv.ensemble.folders import label_names, label_values
-from nnunetv2_gtv.file_modes import make_shareable
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DERIVED_SUFFIXES = ("_entropy", "_probability")
@@ -211,17 +206,3 @@ def parse_float(text: str | None) -> float:
         return float(text)
     except (TypeError, ValueError):
         return float("nan")
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; it is renamed to ``path`` only if the block succeeds."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    make_shareable(tmp)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.figures import evaluation_plots as plots
 from nnunetv2_gtv.figures import overlay
-from nnunetv2_gtv.evaluation.folders import atomic_output
+from nnunetv2_gtv.io.atomic import atomic_path
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise
 from nnunetv2_gtv.evaluation.pipeline import FUSED, EvaluationResult, EvaluationSettings
 from nnunetv2_gtv.evaluation.uncertainty_analysis import correlation, error_rate_table
@@ -188,7 +188,7 @@ def _cell(value) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
@@ -323,7 +323,7 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
     _write_csv(output_dir / ERROR_RATES_CSV, ["case", "level", "entropy", "voxels", "errors", "error_rate_percent"],
                [[case, level_number[c.level], c.level, c.voxels, c.errors, 100 * c.rate]
                 for case, counts in result.level_counts.items() for c in counts])
-    with atomic_output(output_dir / JSON_NAME) as tmp:
+    with atomic_path(output_dir / JSON_NAME) as tmp:
         tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
     rate = doc["error_rate"]
     plots.error_rate_plot(rate["levels"], rate["per_case_percent"], rate["mean_over_cases_percent"],
@@ -339,7 +339,7 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
                          for source in _sources(result)}, output_dir / DICE_PNG)
     for case, views in result.overlays.items():
         overlay.overlay_plot(case, views, output_dir / doc["overlays"][case])
-    with atomic_output(output_dir / REPORT_NAME) as tmp:
+    with atomic_path(output_dir / REPORT_NAME) as tmp:
         tmp.write_text(markdown(doc))
     return [output_dir / name for name in (METRICS_CSV, ERROR_RATES_CSV, JSON_NAME, REPORT_NAME, *pngs,
                                            *doc["overlays"].values())]

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from nnunetv2_gtv.evaluation.folders import atomic_output
+from nnunetv2_gtv.io.atomic import atomic_path
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Axes]:
@@ -24,7 +24,7 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
 def _save(figure: Figure, path: Path, dpi: int = 120) -> None:
     if figure.get_layout_engine() is None:
         figure.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
 
 

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from nnunetv2_gtv.evaluation.folders import atomic_output
+from nnunetv2_gtv.io.atomic import atomic_path
 from nnunetv2_gtv.figures.slices import AXIAL, CORONAL, DisplayFrame, crop_box
 from nnunetv2_gtv.label_colours import label_colour_hex
 
@@ -133,7 +133,7 @@ def overlay_plot(case: str, overlay: Overlay, path: Path) -> None:
     entropy = "no entropy map" if overlay.entropy_max is None else f"entropy max {overlay.entropy_max:.3f}"
     figure.suptitle(f"{case}: through the {overlay.centred_on}, voxel (i, j, k) = {overlay.centre_ijk}; "
                     f"{entropy}", fontsize=9)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=OVERLAY_DPI)
 
 
@@ -154,5 +154,5 @@ def attention_plot(ct: np.ndarray, segmentation: np.ndarray, attention: np.ndarr
         ax.set_yticks([])
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)

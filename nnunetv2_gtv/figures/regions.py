@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunetv2_gtv.ensemble.writing import write_file
+from nnunetv2_gtv.io.atomic import write_file
 from nnunetv2_gtv.figures.slices import VIEWS, DisplayFrame, View
 from nnunetv2_gtv.training.regions import (
     BODY_THRESHOLD_HU, BONE_THRESHOLD_HU, CACHE_FOLDER, REGION_NAMES, CaseRegions, air_threshold_from_plans,

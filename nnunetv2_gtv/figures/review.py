@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from nnunetv2_gtv.ensemble.writing import check_writable, write_text
+from nnunetv2_gtv.io.atomic import check_writable, write_text
 from nnunetv2_gtv.evaluation.folders import (
     SUPPORTED_ENDINGS, EvaluationInputError, check_same_grid, find_image, read_summary_json, read_volume,
 )

@@ -181,7 +181,7 @@ def write_attention_maps(model, cases, output_folder: Path, settings, block: str
     (unreadable CT) or AttentionBlockError."""
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
-    from nnunetv2_gtv.ensemble.writing import write_image
+    from nnunetv2_gtv.io.images import write_image
     from nnunetv2_gtv.figures.overlay import attention_plot
     from nnunetv2_gtv.inference.pipeline import RunReport, _prepare_case
     from nnunetv2_gtv.inference.predictor import EnsemblePredictor

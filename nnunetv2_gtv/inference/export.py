@@ -25,7 +25,8 @@ from nnunetv2_gtv.ensemble.errors import SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, ModelMap, Ranges, fuse_probability_maps
 from nnunetv2_gtv.ensemble.summary import fuse_and_record
-from nnunetv2_gtv.ensemble.writing import write_file, write_image, write_text
+from nnunetv2_gtv.io.atomic import write_file, write_text
+from nnunetv2_gtv.io.images import write_image
 from nnunetv2_gtv.runs import CaseTiming, write_timings
 
 MODEL_PREDICTIONS_FOLDER = "model_predictions"

@@ -22,7 +22,6 @@ What differs from nnU-Net's default ``ExperimentPlanner`` (everything else is nn
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Union
 
 import numpy as np
@@ -33,7 +32,7 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from tqdm import tqdm
 
 from nnunetv2_gtv import __version__
-from nnunetv2_gtv.file_modes import make_shareable
+from nnunetv2_gtv.io.atomic import atomic_path
 from nnunetv2_gtv.network.gtv_unet import plans_architecture
 from nnunetv2_gtv.planning.plans_check import GTV_PLANS_KEY, GTVPlansError
 
@@ -172,14 +171,7 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
         folder = join(nnUNet_preprocessed, self.dataset_name)
         os.makedirs(folder, exist_ok=True)
         plans_file = join(folder, self.plans_identifier + ".json")
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.plans_identifier}.", suffix=".json", dir=folder)
-        os.close(handle)
-        try:
-            save_json(plans, temporary, sort_keys=False)
-            make_shareable(temporary)
-            os.replace(temporary, plans_file)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        with atomic_path(plans_file, ".json") as temporary:
+            save_json(plans, str(temporary), sort_keys=False)
         print(f"nnUNetPlannerGTV25D: plans (3d_fullres only, {self.target_spacing_zyx} mm, patch {PATCH_SIZE_ZYX}, "
               f"CT window {CT_WINDOW_HU} HU) saved to {plans_file}")

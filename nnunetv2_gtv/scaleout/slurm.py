@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.dataset_conversion.staging import existing_datasets
-from nnunetv2_gtv.ensemble.writing import write_text
+from nnunetv2_gtv.io.atomic import write_text
 from nnunetv2_gtv.inference.models import PAPER_FOLDS, SCALES, TRAINER_PREFIX
 
 JOBS_FILE = "jobs.json"

@@ -3,27 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from nnunetv2_gtv.io.atomic import write_text
 from nnunetv2_gtv.training.regions.borders import compute_regions
 from nnunetv2_gtv.training.regions.orientation import anterior_axis_from_direction, superior_axis_from_direction
 from nnunetv2_gtv.training.regions.records import CACHE_FOLDER, CaseRegions, Log, RegionSettings
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
-    """One top-level key per line, written to a temporary name and renamed, so readers never see half a file."""
+    """One top-level key per line, written atomically, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()) + "\n}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()) + "\n}\n", path)
 
 
 def _same_threshold(a: float | None, b: float | None) -> bool:
