@@ -1,17 +1,28 @@
-"""Run bookkeeping shared by the commands: the seconds per case of a gtv-predict run and ``timings.csv``, written as
-each case finishes and rebuilt from the cases' records at the end of a run, so that a run killed and continued
-(``--continue``) or sharded (``-num_parts``) ends with one row per finished case, as the summary does."""
+"""Run bookkeeping shared by gtv-predict and gtv-uncertainty (and their Python API): the output folder, which cases
+a part does and which were finished before (``--continue``, ``-num_parts``), the summary files and exit code at the
+end of a run, and ``timings.csv``.
+
+A finished case leaves a record (``ensemble.summary.write_record``) holding its summary row and the run's fingerprint
+(inputs, models and settings, each settings class recording itself); a run continued or sharded over the same output
+folder ends with one summary row and one timings row per finished case."""
 from __future__ import annotations
 
 import csv
 import fcntl
 import io
 import os
+import shlex
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
-from nnunetv2_gtv.io.atomic import write_text
+from nnunetv2_gtv.ensemble.fusion import FusionSettings
+from nnunetv2_gtv.ensemble.summary import load_row, package_versions, write_summaries
+from nnunetv2_gtv.io.atomic import check_writable, remove_stale_temporaries, write_text
+from nnunetv2_gtv.io.folders import OutputFolderError
+
+Case = TypeVar("Case")
 
 TIMINGS_CSV = "timings.csv"
 TIMINGS_COLUMNS = ("case", "seconds", "preprocessing", "models", "export")
@@ -77,3 +88,90 @@ def _merge_timings(path: Path, timings: Mapping[str, CaseTiming], seconds: Calla
     writer.writeheader()
     writer.writerows(rows[case] for case in sorted(rows))
     write_text(buffer.getvalue(), path)
+
+
+@dataclass
+class RunResult:
+    """What a run of :func:`nnunetv2_gtv.api.predict` or :func:`~nnunetv2_gtv.api.fuse` did: its output folder,
+    the cases it finished, the cases that failed (one message each), every finished case's summary row in the
+    folder (this run's, earlier runs' and other parts'), and the command's exit code (0 all done, 1 some failed)."""
+
+    output_folder: Path
+    done: list[str]
+    failures: list[str]
+    rows: list[dict]
+    exit_code: int
+
+
+def part_of(cases: Sequence[Case], num_parts: int = 1, part_id: int = 0) -> list[Case]:
+    """The cases of part ``part_id`` of ``num_parts`` (nnUNetv2_predict's split: every num_parts-th case)."""
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must be in 0..{num_parts - 1} (got {part_id}); parts count from 0")
+    return list(cases)[part_id::num_parts]
+
+
+def finished_row(output_folder: Path, case: str, fingerprint: dict, outputs: Iterable[Path]) -> dict | None:
+    """The summary row of ``case`` if it was finished in ``output_folder`` with this fingerprint and all of its
+    ``outputs`` exist (``--continue`` skips it), else None."""
+    row = load_row(output_folder, case, fingerprint)
+    return row if row is not None and all(p.is_file() for p in outputs) else None
+
+
+def open_output_folder(prog: str, folder: str | os.PathLike, num_models: int) -> Path:
+    """``folder`` created if needed and checked writable (OutputFolderError otherwise); removes the temporary
+    files that killed runs left there; warns when a single model cannot give any uncertainty."""
+    try:
+        output_folder = check_writable(folder)
+        removed = remove_stale_temporaries(output_folder)
+    except OSError as err:
+        raise OutputFolderError(f"output folder {folder} is not writable ({err})") from err
+    if removed:
+        print(f"{prog}: removed {len(removed)} temporary file(s) that interrupted runs left in {output_folder}")
+    if num_models == 1:
+        print(f"{prog}: warning: only one model given; uncertainty needs N >= 2: the entropy maps are all zeros "
+              "and VVC is left empty", file=sys.stderr)
+    return output_folder
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """The command as typed (``argv`` None: this process's arguments), for summary headers and reports."""
+    return shlex.join([prog, *(sys.argv[1:] if argv is None else argv)])
+
+
+def components_removed_text(rows: Sequence[dict], settings: FusionSettings, names: Sequence[str]) -> str:
+    """What the connected-component rules removed over ``rows``, per foreground label with its rule."""
+    rules = settings.component_rules(max(len(names), 2))
+    several = len(rules) > 1
+    parts = []
+    for label, rule in rules.items():
+        name = names[label] if label < len(names) else f"label_{label}"
+        column = f"components_removed_{name}" if several else "components_removed"
+        removed = sum(int(row.get(column) or 0) for row in rows)
+        cases = sum(1 for row in rows if row.get(column))
+        parts.append(f"{name} ({rule.describe()}): {removed} in {cases} case(s)")
+    return "components removed per label: " + "; ".join(parts)
+
+
+def finish_run(prog: str, command: str, output_folder: Path, rows: Mapping[str, dict], num_models: int,
+               fingerprint: dict, done: Sequence[str], failures: Sequence[str], settings: FusionSettings,
+               label_names: Sequence[str]) -> RunResult:
+    """Write summary.json / summary.csv, say where everything went and what the component rules removed per label,
+    list failures."""
+    header = {"command": command, "versions": package_versions(), "label_names": list(label_names), **fingerprint}
+    row_list = list(rows.values())
+    json_file, csv_file = write_summaries(output_folder, row_list, num_models, header)
+    print(f"{prog}: wrote {len(done)} cases' segmentations and uncertainty maps to {output_folder}; "
+          f"summary: {json_file.name}, {csv_file.name} ({len(row_list)} cases)")
+    print(f"{prog}: {components_removed_text(row_list, settings, label_names)}")
+    code = list_failures(prog, "failed", failures)
+    return RunResult(output_folder, list(done), list(failures), sorted(row_list, key=lambda r: r["case"]), code)
+
+
+def list_failures(prog: str, what: str, messages: Sequence[str]) -> int:
+    """Print the case-level failures under one error line; returns exit code 1 if there are any, else 0."""
+    if not messages:
+        return 0
+    print(f"{prog}: error: {len(messages)} case(s) {what}:", file=sys.stderr)
+    for message in messages:
+        print(f"  {message}", file=sys.stderr)
+    return 1

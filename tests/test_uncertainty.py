@@ -567,3 +567,23 @@ def test_files_written_by_nnunet_export(tmp_path, reference, properties):
     ours, theirs = sitk.ReadImage(str(out / "ref.nii.gz")), sitk.ReadImage(str(real / "ref.nii.gz"))
     assert (ours.GetSize(), ours.GetSpacing(), ours.GetOrigin(), ours.GetDirection()) == \
            (theirs.GetSize(), theirs.GetSpacing(), theirs.GetOrigin(), theirs.GetDirection())
+
+
+def test_python_api_fuses_as_the_command_and_returns_the_run(tmp_path, properties, capsys):
+    """api.fuse: the command's outputs, its rows and failures as values, usage errors raised before any file."""
+    from nnunetv2_gtv import api
+    from nnunetv2_gtv.ensemble.errors import FusionInputError
+    from nnunetv2_gtv.ensemble.fusion import FusionSettings
+
+    good = binary(blocks())
+    folders = write_models(tmp_path, [{"bad": good, "good": good}] * 3, properties)
+    _corrupt(Path(folders[2]) / "bad.npz")
+    run = api.fuse(folders, tmp_path / "api", FusionSettings(components="all"), num_processes=1)
+    assert (run.exit_code, run.done, [r["case"] for r in run.rows]) == (1, ["good"], ["good"])
+    assert len(run.failures) == 1 and "bad" in run.failures[0] and folders[2] in run.failures[0]
+    assert main(["-i", *folders, "-o", str(tmp_path / "cli"), "--keep-all-components", "-np", "1"]) == 1
+    np.testing.assert_array_equal(read(tmp_path / "api" / "good.nii.gz"), read(tmp_path / "cli" / "good.nii.gz"))
+    assert json.loads((tmp_path / "api" / "summary.json").read_text())["settings"]["components"] == "all"
+    with pytest.raises(FusionInputError, match="missing"):
+        api.fuse([*folders, str(tmp_path / "missing")], tmp_path / "never")
+    assert not (tmp_path / "never").exists()

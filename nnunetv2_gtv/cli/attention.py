@@ -19,14 +19,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as gtv-predict: idle Open
 
 import torch  # noqa: E402
 
-from nnunetv2_gtv.cli.common import fail  # noqa: E402
-from nnunetv2_gtv.cli.predict import _add_inference_arguments, _add_model_arguments, _set_threads  # noqa: E402
+from nnunetv2_gtv.cli.common import add_inference_arguments, add_model_arguments, fail, \
+    inference_settings_from_args  # noqa: E402
 from nnunetv2_gtv.io.atomic import check_writable  # noqa: E402
 from nnunetv2_gtv.inference.attention import DEFAULT_BLOCK, AttentionBlockError, attention_blocks, \
     write_attention_maps  # noqa: E402
 from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases  # noqa: E402
 from nnunetv2_gtv.inference.models import ModelError, dataset_folder_name, load_model, resolve_models  # noqa: E402
-from nnunetv2_gtv.inference.settings import InferenceSettings, default_step_size, use_cpu_bfloat16  # noqa: E402
+from nnunetv2_gtv.inference.settings import set_threads  # noqa: E402
 
 PROG = "gtv-attention"
 
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention block (module path, e.g. decoder.stages.3.attention); 'last' = the "
                              "highest-resolution decoder block (default); --list-blocks shows them")
     parser.add_argument("--list-blocks", action="store_true", help="print the model's attention blocks and stop")
-    _add_model_arguments(parser)
-    _add_inference_arguments(parser)
+    add_model_arguments(parser)
+    add_inference_arguments(parser)
     return parser
 
 
@@ -54,14 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = os.environ.get("nnUNet_results")
     if not results:
         return fail(PROG, "nnUNet_results is not set: it must point to the folder with the trained models")
+    settings = inference_settings_from_args(parser, args)
     try:
-        step_size = args.step_size if args.step_size is not None else default_step_size(args.device)
-        settings = InferenceSettings(args.tile, step_size, args.mirroring, args.restrict,
-                                     use_cpu_bfloat16(args.precision, args.device))
         (spec,) = resolve_models(results, dataset_folder_name(Path(results), args.d), args.m, args.p, args.c,
                                  args.tr_suffix, args.chk)
         device = torch.device(args.device)
-        _set_threads(device)
+        set_threads(args.device)
         model = load_model(spec, device, settings.step_size, settings.mirroring, args.tiles_per_batch)
         if args.list_blocks:
             print("\n".join(attention_blocks(model.predictor.network)) or f"{PROG}: the model has no attention block")

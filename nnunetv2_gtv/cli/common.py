@@ -1,18 +1,18 @@
-"""Options and run bookkeeping shared by gtv-uncertainty and gtv-predict: same option names, same meaning,
-same summary files and exit codes."""
+"""Options shared by the commands (gtv-predict, gtv-uncertainty, gtv-attention): same option names, same meaning;
+the run bookkeeping behind them is :mod:`nnunetv2_gtv.runs`."""
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
-from pathlib import Path
-from typing import Sequence
 
 from nnunetv2_gtv.ensemble.fusion import AUTO_COMPONENTS, OUTSIDE_REGION_RULES, FusionSettings
 from nnunetv2_gtv.ensemble.postprocessing import read_postprocessing
-from nnunetv2_gtv.ensemble.summary import package_versions, write_summaries
-from nnunetv2_gtv.io.atomic import check_writable, remove_stale_temporaries
+from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT
+from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
+    use_cpu_bfloat16
+
+INFERENCE_DEFAULTS = InferenceSettings()
 
 
 def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, rule_file_default: str = ""
@@ -79,25 +79,6 @@ def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os
     )
 
 
-def fusion_settings_record(settings: FusionSettings) -> dict:
-    """JSON-ready, for summary headers and --continue fingerprints."""
-    return {
-        "connectivity": settings.connectivity,
-        "components": settings.components,
-        "min_component_ml": settings.min_component_ml,
-        "label_rules": {str(label): rule.describe() for label, rule in settings.label_rules},
-        "outside_region": settings.outside_region,
-        "entropy": settings.entropy,
-        "entropy_log": "natural",
-        "save_probability": settings.save_probability,
-        "vvc_threshold": settings.vvc_threshold,
-        "vvc_std": "population (ddof=0) over the models whose region holds at least half of the fused label's voxels "
-                   "(all models when fewer than two do, or the label is empty); VVC empty/null when fewer than 2 "
-                   "models or all volumes are 0",
-        "sum_tolerance": settings.sum_tolerance,
-    }
-
-
 def add_resume_and_part_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
     """``--continue``, ``-num_parts``, ``-part_id`` as nnUNetv2_predict has them; ``what``: what a run matches."""
     parser.add_argument("--continue", dest="resume", action="store_true",
@@ -121,57 +102,67 @@ def fail(prog: str, message: str) -> int:
     return 2
 
 
-def open_output_folder(prog: str, folder: str, num_models: int) -> Path | None:
-    """``folder`` created if needed and checked writable, or None after saying why; removes the temporary files
-    that killed runs left there; warns when a single model cannot give any uncertainty."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """-d, -m, -tr_suffix, -p, -c, -chk, -device: which trained models, as nnUNetv2_predict names them."""
+    import torch
+
+    group = parser.add_argument_group("models")
+    group.add_argument("-d", required=True, metavar="DATASET", help="dataset name or id the models were trained on")
+    group.add_argument("-m", nargs="+", metavar="MODEL",
+                       help="models as SCALE:FOLD (Local:0 Middle:1 ...) or TRAINER:FOLD; default: the paper's six, "
+                            "Local:0 Local:1 Middle:0 Middle:1 Global:0 Global:1")
+    group.add_argument("-tr_suffix", default="", metavar="SUFFIX",
+                       help="appended to the trainer of SCALE:FOLD models (e.g. _smoke: "
+                            "nnUNetTrainerGTV25DLocal_smoke)")
+    group.add_argument("-p", default="nnUNetPlans", metavar="PLANS", help="plans identifier (default: nnUNetPlans)")
+    group.add_argument("-c", default="3d_fullres", metavar="CONFIGURATION", help="configuration (default: 3d_fullres)")
+    group.add_argument("-chk", default=DEFAULT_CHECKPOINT, metavar="CHECKPOINT",
+                       help=f"checkpoint file name (default: {DEFAULT_CHECKPOINT})")
+    group.add_argument("-device", choices=("cpu", "cuda", "mps"),
+                       default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="device (default: cuda when available, else cpu)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the networks run over a CT: tile, step, mirroring, precision, tiles per call, region restriction."""
+    defaults = INFERENCE_DEFAULTS
+    group = parser.add_argument_group(
+        "inference (defaults chosen by benchmarks/inference_settings.py, see docs/inference.md)")
+    group.add_argument("--tile", type=parse_tile, default=defaults.tile, metavar="TILE",
+                       help="patch (the training patch, nnU-Net's sliding window), slab (the patch's slices, whole "
+                            "in-plane extent), whole (one pass over the image) or ZxYxX; the network's PE blocks "
+                            f"pool over the whole tile, so it can change the result (default: {defaults.tile})")
+    group.add_argument("-step_size", type=float, metavar="STEP",
+                       help="sliding-window step as a fraction of the tile, 1 = no overlap (default: 1 on the CPU, "
+                            "0.5 on CUDA; nnU-Net's is 0.5)")
+    tta = group.add_mutually_exclusive_group()
+    tta.add_argument("--disable_tta", dest="mirroring", action="store_false", default=defaults.mirroring,
+                     help="no test-time mirroring" + (" (the default)" if not defaults.mirroring else ""))
+    tta.add_argument("--enable_tta", dest="mirroring", action="store_true",
+                     help="test-time mirroring as nnU-Net does it (up to 8 passes)" +
+                          (" (the default)" if defaults.mirroring else ""))
+    group.add_argument("-precision", choices=PRECISIONS, default="auto",
+                       help="CPU arithmetic of the networks: auto = bfloat16 on CPUs that compute it natively "
+                            "(AVX512-BF16, AMX; see docs/inference.md for its speed and agreement with float32), "
+                            "float32 elsewhere (default: auto). On CUDA nnU-Net autocasts to float16 whatever this "
+                            "says")
+    group.add_argument("-tiles_per_batch", type=int, metavar="N",
+                       help="sliding-window tiles per network call (default: 2 on the CPU, 8 on CUDA); changes speed "
+                            "and memory, not the result")
+    group.add_argument("--no-region-restriction", dest="restrict", action="store_false",
+                       default=defaults.restrict_to_region,
+                       help="run every model on the whole image instead of Local and Middle only inside their "
+                            "sampling region (head; head and neck) and Global inside the body's bounding box; outside "
+                            "it a model abstains in the fusion (see --outside-region)")
+
+
+def inference_settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> InferenceSettings:
+    """The inference settings of the command line; exits through ``parser.error`` on unusable values."""
+    if args.tiles_per_batch is not None and args.tiles_per_batch < 1:
+        parser.error("-tiles_per_batch must be at least 1")
     try:
-        output_folder = check_writable(folder)
-        removed = remove_stale_temporaries(output_folder)
-    except OSError as err:
-        fail(prog, f"output folder {folder} is not writable ({err})")
-        return None
-    if removed:
-        print(f"{prog}: removed {len(removed)} temporary file(s) that interrupted runs left in {output_folder}")
-    if num_models == 1:
-        print(f"{prog}: warning: only one model given; uncertainty needs N >= 2: the entropy maps are all zeros "
-              "and VVC is left empty", file=sys.stderr)
-    return output_folder
-
-
-def components_removed_text(rows: Sequence[dict], settings: FusionSettings, names: Sequence[str]) -> str:
-    """What the connected-component rules removed over ``rows``, per foreground label with its rule."""
-    rules = settings.component_rules(max(len(names), 2))
-    several = len(rules) > 1
-    parts = []
-    for label, rule in rules.items():
-        name = names[label] if label < len(names) else f"label_{label}"
-        column = f"components_removed_{name}" if several else "components_removed"
-        removed = sum(int(row.get(column) or 0) for row in rows)
-        cases = sum(1 for row in rows if row.get(column))
-        parts.append(f"{name} ({rule.describe()}): {removed} in {cases} case(s)")
-    return "components removed per label: " + "; ".join(parts)
-
-
-def finish_run(prog: str, argv: Sequence[str] | None, output_folder: Path, rows: Sequence[dict], num_models: int,
-               fingerprint: dict, num_done: int, failures: Sequence[str], settings: FusionSettings,
-               label_names: Sequence[str]) -> int:
-    """Write summary.json / summary.csv, say where everything went and what the component rules removed per label,
-    list failures; returns the exit code."""
-    header = {"command": shlex.join([prog, *(sys.argv[1:] if argv is None else argv)]),
-              "versions": package_versions(), "label_names": list(label_names), **fingerprint}
-    rows = list(rows)
-    json_file, csv_file = write_summaries(output_folder, rows, num_models, header)
-    print(f"{prog}: wrote {num_done} cases' segmentations and uncertainty maps to {output_folder}; "
-          f"summary: {json_file.name}, {csv_file.name} ({len(rows)} cases)")
-    print(f"{prog}: {components_removed_text(rows, settings, label_names)}")
-    return list_failures(prog, "failed", failures)
-
-
-def list_failures(prog: str, what: str, messages: Sequence[str]) -> int:
-    """Print the case-level failures under one error line; returns exit code 1 if there are any, else 0."""
-    if not messages:
-        return 0
-    print(f"{prog}: error: {len(messages)} case(s) {what}:", file=sys.stderr)
-    for message in messages:
-        print(f"  {message}", file=sys.stderr)
-    return 1
+        step_size = args.step_size if args.step_size is not None else default_step_size(args.device)
+        return InferenceSettings(args.tile, step_size, args.mirroring, args.restrict,
+                                 use_cpu_bfloat16(args.precision, args.device))
+    except ValueError as err:
+        parser.error(str(err))

@@ -3,15 +3,16 @@ against 1 - Dice (per label) of a fused folder."""
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
+from nnunetv2_gtv.api import evaluate
+from nnunetv2_gtv.cli.common import fail
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
 from nnunetv2_gtv.evaluation.metrics import NSD_TOLERANCE_MM
-from nnunetv2_gtv.evaluation.pipeline import UNKNOWN_LABEL_RULES, EvaluationSettings, evaluate_folder, \
-    unknown_labels_text
-from nnunetv2_gtv.evaluation.report import REPORT_NAME, write_report
+from nnunetv2_gtv.evaluation.pipeline import UNKNOWN_LABEL_RULES, EvaluationSettings
+from nnunetv2_gtv.evaluation.report import REPORT_NAME
+from nnunetv2_gtv.runs import command_line
 from nnunetv2_gtv.evaluation.uncertainty_analysis import REGION_KINDS
 
 
@@ -52,16 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvaluationSettings(args.label, args.error_region, args.margin_mm, args.images, args.body_threshold,
                                   args.entropy_decimals, args.skip_missing, args.unknown_labels, args.nsd_tolerance_mm)
     output = args.output or args.predictions / "evaluation"
-    command = shlex.join(["gtv-evaluate", *(sys.argv[1:] if argv is None else argv)])
     try:
-        result = evaluate_folder(args.predictions, args.reference, settings)
-        for entry in result.mapped:
-            print(f"gtv-evaluate: warning: {unknown_labels_text(entry, result.label_set)}: mapped to background",
-                  file=sys.stderr)
-        written = write_report(result, output, command)
+        result, written = evaluate(args.predictions, args.reference, output, settings,
+                                   command_line("gtv-evaluate", argv))
     except EvaluationInputError as error:
-        print(f"gtv-evaluate: error: {error}", file=sys.stderr)
-        return 2
+        return fail("gtv-evaluate", str(error))
     print(f"gtv-evaluate: evaluated {len(result.cases)} cases; wrote {len(written)} files to {output} "
           f"(start with {output / REPORT_NAME})")
     return 0

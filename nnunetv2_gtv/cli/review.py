@@ -12,29 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
-from nnunetv2_gtv.cli.common import fail, list_failures
-from nnunetv2_gtv.figures.review import PAGE_NAME, ReviewInputError, write_review
+from nnunetv2_gtv.api import review
+from nnunetv2_gtv.cli.common import fail
+from nnunetv2_gtv.figures.review import PAGE_NAME, ReviewInputError
 
 PROG = "gtv-review"
-
-
-def review(fused: Path, output: Path, images: Mapping[str, Path] | Path | None, prog: str = PROG) -> int:
-    """Write the page and report it; returns the exit code (shared with ``gtv-predict --review``)."""
-    try:
-        page, reviews = write_review(fused, output, images)
-    except ReviewInputError as error:
-        return fail(prog, str(error))
-    except OSError as error:
-        return fail(prog, f"cannot write the review page to {output}: {error}")
-    flagged = sum(bool(r.row.get("review")) for r in reviews)
-    print(f"{prog}: wrote {page} ({page.stat().st_size / 1e6:.2f} MB): {len(reviews)} cases, {flagged} flagged")
-    for r in reviews:
-        for note in r.notes:
-            print(f"{prog}: warning: {r.case}: {note}", file=sys.stderr)
-    return list_failures(prog, "cannot be shown (marked on the page)",
-                         [f"{r.case}: {r.error}" for r in reviews if r.error])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, metavar="PAGE_DIR",
                         help=f"folder for {PAGE_NAME} (default: FUSED/review)")
     args = parser.parse_args(argv)
-    return review(args.fused, args.output or args.fused / "review", args.images)
+    try:
+        return review(args.fused, args.output, args.images, PROG)
+    except ReviewInputError as error:
+        return fail(PROG, str(error))
+    except OSError as error:
+        return fail(PROG, f"cannot write the review page to {args.output or args.fused / 'review'}: {error}")
 
 
 if __name__ == "__main__":

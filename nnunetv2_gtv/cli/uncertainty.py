@@ -12,20 +12,13 @@ Exit codes: 0 all cases fused; 1 some cases failed (listed); 2 unusable inputs o
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
-import warnings
 from typing import Sequence
 
-from tqdm import tqdm
-
+from nnunetv2_gtv.api import USER_ERRORS, fuse
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
-    fail, finish_run, fusion_settings_from_args, fusion_settings_record, open_output_folder
-from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
-from nnunetv2_gtv.ensemble.folders import DatasetInfo, check_compatible, match_cases, open_prediction_folder
-from nnunetv2_gtv.ensemble.fusion import fuse_case, output_files
-from nnunetv2_gtv.ensemble.summary import fuse_and_record, load_row
-from nnunetv2_gtv.io.folders import OutputFolderError, check_outside_inputs
+    fail, fusion_settings_from_args
+from nnunetv2_gtv.runs import command_line
 
 PROG = "gtv-uncertainty"
 
@@ -51,33 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fuse_one(job: tuple) -> tuple[str, dict | None, str | None]:
-    """Pool worker: fuse one case and write its record; returns (case, row, error message)."""
-    case, files, output_folder, dataset, settings, fingerprint, quiet_single_model = job
-    with warnings.catch_warnings():
-        if quiet_single_model:
-            warnings.simplefilter("ignore", SingleModelWarning)
-        row, error = fuse_and_record(case, lambda: fuse_case(case, files, output_folder, dataset, settings),
-                                     output_folder, dataset.file_ending, settings, fingerprint)
-    return case, row, error
-
-
-def _run(jobs: list[tuple], num_processes: int) -> list[tuple[str, dict | None, str | None]]:
-    progress = tqdm(total=len(jobs), desc="Fusing", unit="case", disable=not jobs)
-    results = []
-    if num_processes <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            results.append(_fuse_one(job))
-            progress.update()
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            for result in pool.imap_unordered(_fuse_one, jobs):
-                results.append(result)
-                progress.update()
-    progress.close()
-    return results
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -87,50 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.model_weights(len(args.i))
     except ValueError as err:
         parser.error(str(err))
-
     try:
-        folders = [open_prediction_folder(p) for p in args.i]
-        for message in check_compatible(folders):
-            print(f"{PROG}: warning: {message}", file=sys.stderr)
-        cases = match_cases(folders, args.allow_missing)
-        check_outside_inputs(args.o, args.i)
-        settings.component_rules(folders[0].dataset_info.num_labels)
-    except (FusionInputError, OutputFolderError, ValueError) as err:
+        run = fuse(args.i, args.o, settings, allow_missing=args.allow_missing, num_processes=args.np,
+                   resume=args.resume, num_parts=args.num_parts, part_id=args.part_id,
+                   command=command_line(PROG, argv))
+    except USER_ERRORS as err:
         return fail(PROG, str(err))
-    output_folder = open_output_folder(PROG, args.o, len(folders))
-    if output_folder is None:
-        return 2
-
-    dataset: DatasetInfo = folders[0].dataset_info
-    inputs = [str(f.path.resolve()) for f in folders]
-    fingerprint = {"inputs": inputs, "weights": list(settings.model_weights(len(folders))),
-                   "settings": fusion_settings_record(settings)}
-    my_cases = sorted(cases)[args.part_id::args.num_parts]
-    rows, jobs = {}, []
-    for case in my_cases:
-        done = load_row(output_folder, case, fingerprint) if args.resume else None
-        if done is not None and all(p.is_file() for p in output_files(case, output_folder, dataset.file_ending,
-                                                                       settings)):
-            rows[case] = done
-        else:
-            jobs.append((case, cases[case], output_folder, dataset, settings, fingerprint, len(folders) == 1))
-    print(f"{PROG}: {len(cases)} cases in {len(folders)} folders; this part: {len(my_cases)}, "
-          f"{len(my_cases) - len(jobs)} already finished, {len(jobs)} to fuse")
-
-    failures = []
-    for case, row, error in _run(jobs, args.np):
-        if error is None:
-            rows[case] = row
-        else:
-            failures.append(error)
-    # rows of other parts (or earlier runs) finished with the same inputs and settings join the summary
-    for case in sorted(cases):
-        if case not in rows:
-            row = load_row(output_folder, case, fingerprint)
-            if row is not None:
-                rows[case] = row
-    return finish_run(PROG, argv, output_folder, rows.values(), len(folders), fingerprint,
-                      len(my_cases) - len(failures), failures, settings, dataset.label_names)
+    return run.exit_code
 
 
 if __name__ == "__main__":

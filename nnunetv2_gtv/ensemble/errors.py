@@ -1,7 +1,8 @@
 """Errors raised for unusable ensemble inputs."""
+from nnunetv2_gtv.errors import CaseError
 
 
-class FusionInputError(ValueError):
+class FusionInputError(CaseError):
     """An input folder or file cannot be fused; the message names the folder/file and the case."""
 
 

@@ -112,6 +112,24 @@ class FusionSettings:
             raise ValueError(f"{len(self.weights)} weights given for {num_models} models")
         return tuple(float(w) for w in self.weights)
 
+    def record(self) -> dict:
+        """JSON-ready, for summary headers and --continue fingerprints."""
+        return {
+            "connectivity": self.connectivity,
+            "components": self.components,
+            "min_component_ml": self.min_component_ml,
+            "label_rules": {str(label): rule.describe() for label, rule in self.label_rules},
+            "outside_region": self.outside_region,
+            "entropy": self.entropy,
+            "entropy_log": "natural",
+            "save_probability": self.save_probability,
+            "vvc_threshold": self.vvc_threshold,
+            "vvc_std": "population (ddof=0) over the models whose region holds at least half of the fused label's "
+                       "voxels (all models when fewer than two do, or the label is empty); VVC empty/null when fewer "
+                       "than 2 models or all volumes are 0",
+            "sum_tolerance": self.sum_tolerance,
+        }
+
     def component_rules(self, num_labels: int) -> dict[int, ComponentRule]:
         """The rule of each foreground label 1..num_labels-1."""
         foreground = range(1, num_labels)

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nnunetv2_gtv.ensemble.errors import FusionInputError
+from nnunetv2_gtv.errors import CaseError
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, output_files
 from nnunetv2_gtv.io.atomic import write_text
 
@@ -128,7 +128,7 @@ def fuse_and_record(case: str, fuse: Callable[[], CaseResult], output_folder: st
     try:
         row = case_row(fuse())
         write_record(output_folder, row, fingerprint, None if timing is None else timing())
-    except (FusionInputError, OSError) as err:
+    except (CaseError, OSError) as err:
         for path in output_files(case, Path(output_folder), file_ending, settings):
             path.unlink(missing_ok=True)
         return None, str(err)

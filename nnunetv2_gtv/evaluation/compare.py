@@ -39,8 +39,8 @@ from nnunetv2_gtv.evaluation.folders import (
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, compute_metrics, summarise
 from nnunetv2_gtv.evaluation.pipeline import FUSED
 from nnunetv2_gtv.evaluation.report import JSON_NAME as EVALUATION_JSON
-from nnunetv2_gtv.evaluation.report import METRICS_CSV, _json_safe, _table, _write_csv
-from nnunetv2_gtv.io.atomic import atomic_path
+from nnunetv2_gtv.evaluation.report import METRICS_CSV, markdown_table
+from nnunetv2_gtv.io.atomic import write_csv, write_json, write_text
 from nnunetv2_gtv.runs import TIMINGS_CSV
 
 MIN_PAIRED_CASES = 6
@@ -361,16 +361,16 @@ def markdown(result: Comparison, rows: list[dict], command: str) -> str:
               else f"label {next(iter(result.labels))}")
     lines = ["# Comparison", "", f"`{command}`", "",
              f"{len(result.cases)} cases, {labels}, reference `{result.reference}`; mean ± sample sd over cases.", ""]
-    lines += _table(header, table)
+    lines += markdown_table(header, table)
     if several:
         label_table = [[label, row["name"]] + [_mean_sd(row["per_label"][label][m], digits)
                                                for m, (_, _, digits) in TABLE_METRICS.items()]
                        for label in result.labels.values() for row in rows]
         lines += ["", "Per label:", ""]
-        lines += _table(["Label", "Method"] + [label for label, _, _ in TABLE_METRICS.values()], label_table)
+        lines += markdown_table(["Label", "Method"] + [label for label, _, _ in TABLE_METRICS.values()], label_table)
     lines += ["", f"Paired two-sided Wilcoxon signed-rank tests against **{result.baseline}** (scipy); with fewer "
               f"than {MIN_PAIRED_CASES} paired cases p cannot fall below 0.05 and is flagged.", ""]
-    lines += _table(p_header, p_table)
+    lines += markdown_table(p_header, p_table)
     lines += [""] + [f"![{label}](box_{metric}.png)" for metric, (label, _, _) in TABLE_METRICS.items()]
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
@@ -384,14 +384,14 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
     rows = summary_rows(result)
     md, summary_csv, json_file, per_case_csv = (output_dir / name for name in OUTPUT_NAMES)
     header = ["method", "cases"] + [f"{m}_{k}" for m in TABLE_METRICS for k in ("mean", "sd", "p", "n_paired")]
-    _write_csv(summary_csv, header + ["seconds_mean", "seconds_sd", TRAINING_MINUTES], [
+    write_csv(summary_csv, header + ["seconds_mean", "seconds_sd", TRAINING_MINUTES], [
         [row["name"], row["cases"]]
         + [v for m in TABLE_METRICS for v in (row[m]["mean"], row[m]["std"],
                                               *((row[f"{m}_test"]["p"], row[f"{m}_test"]["n"])
                                                 if row[f"{m}_test"] else ("", "")))]
         + ([row[SECONDS]["mean"], row[SECONDS]["std"]] if row[SECONDS] else ["", ""])
         + ["" if row[TRAINING_MINUTES] is None else row[TRAINING_MINUTES]] for row in rows])
-    _write_csv(per_case_csv, ["method", "case", "label", *METRIC_NAMES, SECONDS], [
+    write_csv(per_case_csv, ["method", "case", "label", *METRIC_NAMES, SECONDS], [
         [item.name, case, label] + [metrics[case][m] for m in METRIC_NAMES]
         + [result.seconds.get(item.name, {}).get(case, float("nan"))]
         for item in result.inputs for label, metrics in result.label_metrics[item.name].items()
@@ -403,13 +403,11 @@ def write_comparison(result: Comparison, output_dir: Path, command: str) -> list
            "min_paired_cases": MIN_PAIRED_CASES, "summary": rows, "per_case": result.metrics,
            "per_case_per_label": result.label_metrics,
            "seconds": result.seconds, TRAINING_MINUTES: result.training_minutes, "notes": result.notes}
-    with atomic_path(json_file) as tmp:
-        tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+    write_json(doc, json_file, indent=2, strict=True)
     pngs = []
     for metric, (label, scale, _) in TABLE_METRICS.items():
         pngs.append(output_dir / f"box_{metric}.png")
         plots.box_plot({item.name: [result.metrics[item.name][c][metric] * scale for c in result.cases]
                         for item in result.inputs}, pngs[-1], label, f"{label} per case")
-    with atomic_path(md) as tmp:
-        tmp.write_text(markdown(result, rows, command))
+    write_text(markdown(result, rows, command), md)
     return [md, summary_csv, json_file, per_case_csv, *pngs]

@@ -8,8 +8,6 @@ scored on its own (a row per label), and the case-level numbers are each case's 
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 import platform
 from dataclasses import asdict
@@ -23,7 +21,7 @@ import SimpleITK as sitk
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.figures import evaluation_plots as plots
 from nnunetv2_gtv.figures import overlay
-from nnunetv2_gtv.io.atomic import atomic_path
+from nnunetv2_gtv.io.atomic import write_csv, write_json, write_text
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise
 from nnunetv2_gtv.evaluation.pipeline import FUSED, EvaluationResult, EvaluationSettings
 from nnunetv2_gtv.evaluation.uncertainty_analysis import correlation, error_rate_table
@@ -170,31 +168,6 @@ def build_summary(result: EvaluationResult, command: str) -> dict:
     }
 
 
-def _json_safe(value):
-    """NaN and infinities become null: strict JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else f"{value:.6g}"
-    return str(value)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows([[_cell(v) for v in row] for row in rows])
-
-
 def _fmt(value: float, digits: int) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -208,7 +181,8 @@ def _mean_std(stats: dict, digits: int) -> str:
     return text
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -237,7 +211,7 @@ def _labels_sentence(labels: dict) -> str:
                    "the notes." if mapped else "would be mapped to background; none were found.")
 
 
-def _metric_table(summary: dict, first: list[str]) -> list[list[str]]:
+def _metricmarkdown_table(summary: dict, first: list[str]) -> list[list[str]]:
     return [first + [source, str(stats["dice"]["n"] + stats["dice"]["n_undefined"])]
             + [_mean_std(stats[name], DIGITS[name]) for name in METRIC_NAMES] for source, stats in summary.items()]
 
@@ -257,17 +231,17 @@ def markdown(doc: dict) -> str:
              "## Segmentation metrics (mean ± sample std over cases)", ""]
     if several:
         lines += ["Each case's mean over its labels:", ""]
-    lines += _table(["Source", "Cases"] + list(METRIC_HEADERS.values()), _metric_table(doc["summary"], []))
+    lines += markdown_table(["Source", "Cases"] + list(METRIC_HEADERS.values()), _metricmarkdown_table(doc["summary"], []))
     if several:
-        rows = [row for name, summary in per_label.items() for row in _metric_table(summary, [name])]
+        rows = [row for name, summary in per_label.items() for row in _metricmarkdown_table(summary, [name])]
         lines += ["", "Per label:", ""]
-        lines += _table(["Label", "Source", "Cases"] + list(METRIC_HEADERS.values()), rows)
+        lines += markdown_table(["Label", "Source", "Cases"] + list(METRIC_HEADERS.values()), rows)
     lines += ["", "Per case (fused):", ""]
     per_case = [[row["case"]] + ([row["label_name"]] if several else [])
                 + [_fmt(row[name], DIGITS[name]) for name in METRIC_NAMES]
                 + [_fmt(row["volume_pred_ml"], 2), _fmt(row["volume_ref_ml"], 2), row["empty"]]
                 for row in doc["metrics"] if row["source"] == FUSED]
-    lines += _table(["Case"] + (["Label"] if several else []) + list(METRIC_HEADERS.values())
+    lines += markdown_table(["Case"] + (["Label"] if several else []) + list(METRIC_HEADERS.values())
                     + ["V pred (ml)", "V ref (ml)", "Empty"], per_case)
     lines += ["", f"![Dice per case]({DICE_PNG})", ""]
 
@@ -282,7 +256,7 @@ def markdown(doc: dict) -> str:
         rows = [[case] + [_fmt(r, 2) for r in rates] for case, rates in rate["per_case_percent"].items()]
         rows.append(["Mean over cases"] + [_fmt(r, 2) for r in rate["mean_over_cases_percent"]])
         rows.append(["Pooled (all voxels)"] + [_fmt(r, 2) for r in rate["pooled_percent"]])
-        lines += _table(header, rows)
+        lines += markdown_table(header, rows)
     else:
         lines.append("No entropy maps: no table.")
     lines += ["", f"![Error rate per level]({ERROR_RATE_PNG})", ""]
@@ -316,15 +290,14 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
     output_dir.mkdir(parents=True, exist_ok=True)
     doc = build_summary(result, command)
     fields = ["case", "source", "label", "label_name", *METRIC_NAMES, "volume_pred_ml", "volume_ref_ml", "empty"]
-    _write_csv(output_dir / METRICS_CSV, fields + ["vvc"],
+    write_csv(output_dir / METRICS_CSV, fields + ["vvc"],
                [[row[f] for f in fields] + [result.vvc.get(row["label"], {}).get(row["case"], float("nan"))
                                              if row["source"] == FUSED else float("nan")] for row in result.metrics])
     level_number = {level: i + 1 for i, level in enumerate(doc["error_rate"]["levels"])}
-    _write_csv(output_dir / ERROR_RATES_CSV, ["case", "level", "entropy", "voxels", "errors", "error_rate_percent"],
+    write_csv(output_dir / ERROR_RATES_CSV, ["case", "level", "entropy", "voxels", "errors", "error_rate_percent"],
                [[case, level_number[c.level], c.level, c.voxels, c.errors, 100 * c.rate]
                 for case, counts in result.level_counts.items() for c in counts])
-    with atomic_path(output_dir / JSON_NAME) as tmp:
-        tmp.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+    write_json(doc, output_dir / JSON_NAME, indent=2, strict=True)
     rate = doc["error_rate"]
     plots.error_rate_plot(rate["levels"], rate["per_case_percent"], rate["mean_over_cases_percent"],
                           output_dir / ERROR_RATE_PNG)
@@ -339,7 +312,6 @@ def write_report(result: EvaluationResult, output_dir: Path, command: str) -> li
                          for source in _sources(result)}, output_dir / DICE_PNG)
     for case, views in result.overlays.items():
         overlay.overlay_plot(case, views, output_dir / doc["overlays"][case])
-    with atomic_path(output_dir / REPORT_NAME) as tmp:
-        tmp.write_text(markdown(doc))
+    write_text(markdown(doc), output_dir / REPORT_NAME)
     return [output_dir / name for name in (METRICS_CSV, ERROR_RATES_CSV, JSON_NAME, REPORT_NAME, *pngs,
                                            *doc["overlays"].values())]

@@ -183,7 +183,7 @@ def write_attention_maps(model, cases, output_folder: Path, settings, block: str
 
     from nnunetv2_gtv.io.images import write_image
     from nnunetv2_gtv.figures.overlay import attention_plot
-    from nnunetv2_gtv.inference.pipeline import RunReport, _prepare_case
+    from nnunetv2_gtv.inference.pipeline import RunReport, prepare_case
     from nnunetv2_gtv.inference.predictor import EnsemblePredictor
     from nnunetv2_gtv.training.regions import superior_axis_from_direction
 
@@ -193,7 +193,7 @@ def write_attention_maps(model, cases, output_folder: Path, settings, block: str
     reader_writer = ensemble.plans_manager.plans["image_reader_writer"]
     written = []
     for case in cases:
-        prepared = _prepare_case(ensemble, case, RunReport(), warn)
+        prepared = prepare_case(ensemble, case, RunReport(), warn)
         with recorder.active():
             logits = ensemble.predict_logits(model, prepared.data, prepared.boxes)
         box = prepared.boxes.get(model.sampling_region, prepared.boxes["global"])

@@ -196,3 +196,11 @@ def check_shared_preprocessing(models: Sequence[LoadedModel]) -> None:
                 f"models {first.label} ({first.spec.folder}) and {other.label} ({other.spec.folder}) were trained "
                 f"with different plans; one preprocessing of each CT must serve every model:\n  "
                 + "\n  ".join(problems))
+
+
+def model_record(model: LoadedModel) -> dict:
+    """What identifies a loaded model in a run's fingerprint: its trainer, fold, checkpoint file (path, size, time)."""
+    stat = model.spec.checkpoint.stat()
+    return {"label": model.label, "trainer": model.spec.trainer, "fold": model.spec.fold,
+            "checkpoint": str(model.spec.checkpoint.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sampling_region": model.sampling_region}

@@ -17,17 +17,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from nnunetv2_gtv.ensemble.errors import FusionInputError
+from nnunetv2_gtv.errors import CaseError
 from nnunetv2_gtv.ensemble.folders import DatasetInfo, label_names, label_values
 from nnunetv2_gtv.ensemble.fusion import FusionSettings, output_files
-from nnunetv2_gtv.ensemble.summary import load_record, load_row
+from nnunetv2_gtv.ensemble.summary import load_record
 from nnunetv2_gtv.inference.export import ExportJob, export_case, prepare_model_predictions_folder
 from nnunetv2_gtv.inference.inputs import InputCase, InputError, axial_permutation, intensity_warning, permute_case, \
     read_case
 from nnunetv2_gtv.inference.predictor import EnsemblePredictor
-from nnunetv2_gtv.runs import CaseTiming
+from nnunetv2_gtv.runs import CaseTiming, finished_row, part_of
 
 Log = Callable[[str], None]
+
+
+class PredictionError(CaseError):
+    """A model's prediction of a case failed while its export was waiting for it."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class LogitsStream:
         self._queue.put(self._END)
 
     def abort(self, message: str) -> None:
-        self._queue.put(FusionInputError(message))
+        self._queue.put(PredictionError(message))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while not self._ended:
@@ -167,11 +171,10 @@ def _cases_to_do(cases: Sequence[InputCase], output_folder: Path, fusion: Fusion
                  options: RunOptions, report: RunReport) -> list[tuple[InputCase, dict]]:
     """This part's cases with their fingerprints, less those finished before (--continue)."""
     todo = []
-    for case in list(cases)[options.part_id::options.num_parts]:
+    for case in part_of(cases, options.num_parts, options.part_id):
         fingerprint = case_fingerprint(run_fingerprint, case)
-        row = load_row(output_folder, case.case, fingerprint) if options.resume else None
         outputs = output_files(case.case, output_folder, case.file_ending, fusion)
-        if row is not None and all(p.is_file() for p in outputs):
+        if options.resume and finished_row(output_folder, case.case, fingerprint, outputs) is not None:
             report.skipped.append(case.case)
         else:
             todo.append((case, fingerprint))
@@ -189,7 +192,7 @@ class PreparedCase:
     permutation: tuple[int, int, int] | None  # axis order the models see (None: the input's)
 
 
-def _prepare_case(ensemble: EnsemblePredictor, case: InputCase, report: RunReport, warn: Log) -> PreparedCase:
+def prepare_case(ensemble: EnsemblePredictor, case: InputCase, report: RunReport, warn: Log) -> PreparedCase:
     """Read, check, reorient if needed, preprocess and find the sampling regions. Raises InputError."""
     image, properties = read_case(case, ensemble.plans_manager.image_reader_writer_class)
     problem = intensity_warning(image, case.path)
@@ -241,7 +244,7 @@ def predict_cases(ensemble: EnsemblePredictor, cases: Sequence[InputCase], outpu
         timing = timings[case.case] = CaseTiming()
         start = time.perf_counter()
         try:
-            prepared = _prepare_case(ensemble, case, report, warn)
+            prepared = prepare_case(ensemble, case, report, warn)
         except InputError as err:
             report.failures.append(str(err))
             progress.update(len(ensemble.models))

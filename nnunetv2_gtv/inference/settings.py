@@ -66,6 +66,22 @@ def default_step_size(device_type: str) -> float:
     return DEFAULT_STEP_SIZE.get(device_type, 1.0)
 
 
+def set_threads(device_type: str) -> None:
+    """Torch threads as nnUNetv2_predict sets them (every core on the CPU, one beside a GPU); on the CPU the tensors
+    of a tile batch stay in the process for reuse (``nnunetv2_gtv.allocator``)."""
+    import os
+
+    import torch
+
+    from nnunetv2_gtv.allocator import LARGEST_MMAP_THRESHOLD, keep_freed_memory
+
+    if device_type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+        keep_freed_memory(LARGEST_MMAP_THRESHOLD)
+    else:
+        torch.set_num_threads(1)
+
+
 def cpu_has_native_bfloat16() -> bool:
     """AVX512-BF16 or AMX: bfloat16 convolutions run natively (elsewhere they are emulated, and slower)."""
     import torch

@@ -9,7 +9,10 @@ dataset) are assembled in a hidden sibling folder and renamed the same way (:fun
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import re
 import secrets
@@ -86,9 +89,37 @@ def write_text(text: str, target: str | os.PathLike) -> Path:
     return write_file(target, lambda f: f.write(text.encode()))
 
 
-def write_json(value: object, target: str | os.PathLike, indent: int | None = 1) -> Path:
-    """``value`` as JSON (keys in their order, NaN written as JSON's ``NaN`` like Python's json does)."""
+def json_safe(value):
+    """NaN and infinities become None (null): strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(value: object, target: str | os.PathLike, indent: int | None = 1, strict: bool = False) -> Path:
+    """``value`` as JSON, keys in their order; ``strict``: NaN and infinities written as null."""
+    if strict:
+        return write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False), target)
     return write_text(json.dumps(value, indent=indent) + "\n", target)
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(target: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
+    """A CSV table; floats with 6 significant digits, NaN and infinities as empty cells."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([[_csv_cell(v) for v in row] for row in rows])
+    return write_text(buffer.getvalue(), target)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

@@ -48,7 +48,7 @@ def _dotted_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _resolve_class(value: str | type, argument: str) -> type:
+def resolve_class(value: str | type, argument: str) -> type:
     """Accept a class or its dotted import path (as nnU-Net plans store class-valued options)."""
     if not isinstance(value, str):
         return value
@@ -221,9 +221,9 @@ class GTV25DUNet(nn.Module):
         self._validate(n_stages, kernel_sizes, strides, attention)
         conv_kwargs = {
             "conv_bias": conv_bias,
-            "norm_op": _resolve_class(norm_op, "norm_op"),
+            "norm_op": resolve_class(norm_op, "norm_op"),
             "norm_op_kwargs": dict(NORM_KWARGS if norm_op_kwargs is None else norm_op_kwargs),
-            "nonlin": _resolve_class(nonlin, "nonlin"),
+            "nonlin": resolve_class(nonlin, "nonlin"),
             "nonlin_kwargs": dict(NONLIN_KWARGS if nonlin_kwargs is None else nonlin_kwargs),
         }
         self.num_classes = num_classes

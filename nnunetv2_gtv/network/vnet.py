@@ -23,7 +23,7 @@ import torch
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
-from nnunetv2_gtv.network.gtv_unet import _resolve_class
+from nnunetv2_gtv.network.gtv_unet import resolve_class
 
 VNET_CLASS_PATH = "nnunetv2_gtv.network.vnet.VNet3D"
 VNET_FEATURES = (16, 32, 64, 128, 256)
@@ -180,7 +180,7 @@ class VNet3D(nn.Module):
                              f"decoder_convs; got {list(encoder_convs)} and {list(decoder_convs)}")
         if kernel_size % 2 == 0:
             raise ValueError(f"VNet3D: kernel_size must be odd, got {kernel_size}")
-        norm = (_resolve_class(norm_op, "norm_op"), dict(norm_op_kwargs or {}))
+        norm = (resolve_class(norm_op, "norm_op"), dict(norm_op_kwargs or {}))
         self.num_classes = num_classes
         self.required_divisor = tuple(math.prod(s[axis] for s in strides) for axis in range(3))
         self.encoder = VNetEncoder(input_channels, features_per_stage, strides, encoder_convs, kernel_size, norm)
