@@ -6,7 +6,7 @@ environment variable in every shell, and breaks pickling of the trainer). Regist
 small sub-package of import shims into each of those two places in the installed nnunetv2::
 
     nnunetv2/training/nnUNetTrainer/variants/nnunetv2_gtv_plugin/{__init__.py, nnUNetTrainerGTV25D.py,
-                                                                  paper_variants.py}
+        short_runs.py, cpu_recipes.py, paper_variants.py, budget_baselines.py}
     nnunetv2/experiment_planning/experiment_planners/nnunetv2_gtv_plugin/{__init__.py, nnUNetPlannerGTV25D.py}
 
 Each shim only re-exports classes that live in this package, so the class objects (and pickles, checkpoints)
@@ -53,33 +53,24 @@ class ShimModule:
         )
 
 
-TRAINER_NAMES = (
-    "nnUNetTrainerGTV25D",
-    "nnUNetTrainerGTV25DLocal",
-    "nnUNetTrainerGTV25DMiddle",
-    "nnUNetTrainerGTV25DGlobal",
-    "nnUNetTrainerGTV25DLocal_5epochs",
-    "nnUNetTrainerGTV25DMiddle_5epochs",
-    "nnUNetTrainerGTV25DGlobal_5epochs",
-    "nnUNetTrainerGTV25DLocal_smoke",
-    "nnUNetTrainerGTV25DMiddle_smoke",
-    "nnUNetTrainerGTV25DGlobal_smoke",
-    "nnUNetTrainerGTV25DLocal_cpu",
-    "nnUNetTrainerGTV25DMiddle_cpu",
-    "nnUNetTrainerGTV25DGlobal_cpu",
-    "nnUNetTrainerGTV25DLocal_cpuRealCT",
-    "nnUNetTrainerGTV25DMiddle_cpuRealCT",
-    "nnUNetTrainerGTV25DGlobal_cpuRealCT",
-)
+TRAINER_NAMES = ("nnUNetTrainerGTV25D", "nnUNetTrainerGTV25DLocal", "nnUNetTrainerGTV25DMiddle",
+                 "nnUNetTrainerGTV25DGlobal")
+SCALES = ("Local", "Middle", "Global")
+SHORT_RUN_NAMES = tuple(f"nnUNetTrainerGTV25D{scale}_{suffix}" for suffix in ("5epochs", "smoke") for scale in SCALES)
+CPU_RECIPE_NAMES = tuple(f"nnUNetTrainerGTV25D{scale}_{suffix}" for suffix in ("cpu", "cpuRealCT") for scale in SCALES)
 PAPER_VARIANT_NAMES = tuple(f"nnUNetTrainerGTVLocal_{network}{suffix}" for network in (
     "UNet3D", "VNet3D", "UNet25D", "UNet25D_PE", "UNet25D_PE_AG", "UNet25D_PE_AM") for suffix in ("", "_smoke"))
 BUDGET_BASELINE_NAMES = ("nnUNetTrainer_20min", "nnUNetTrainer_40min")
-ALL_TRAINER_NAMES = TRAINER_NAMES + PAPER_VARIANT_NAMES + BUDGET_BASELINE_NAMES
+ALL_TRAINER_NAMES = TRAINER_NAMES + SHORT_RUN_NAMES + CPU_RECIPE_NAMES + PAPER_VARIANT_NAMES + BUDGET_BASELINE_NAMES
 PLANNER_NAMES = ("nnUNetPlannerGTV25D",)
 
 SHIMS = (
     ShimModule(("training", "nnUNetTrainer", "variants"), "nnUNetTrainerGTV25D",
                "nnunetv2_gtv.training.nnUNetTrainerGTV25D", TRAINER_NAMES),
+    ShimModule(("training", "nnUNetTrainer", "variants"), "short_runs",
+               "nnunetv2_gtv.training.short_runs", SHORT_RUN_NAMES),
+    ShimModule(("training", "nnUNetTrainer", "variants"), "cpu_recipes",
+               "nnunetv2_gtv.training.cpu_recipes", CPU_RECIPE_NAMES),
     ShimModule(("training", "nnUNetTrainer", "variants"), "paper_variants",
                "nnunetv2_gtv.training.paper_variants", PAPER_VARIANT_NAMES),
     ShimModule(("training", "nnUNetTrainer", "variants"), "budget_baselines",

@@ -23,7 +23,7 @@ def _constant_map(network, block: str, value: float) -> None:
 
 def test_attention_map_of_a_block_is_stitched_onto_the_ct_grid(gtv_dataset, tmp_path, monkeypatch, capsys):
     from nnunetv2_gtv.cli.attention import main
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal_smoke
+    from nnunetv2_gtv.training.short_runs import nnUNetTrainerGTV25DLocal_smoke
     from nnunetv2_gtv.training.paper_variants import nnUNetTrainerGTVLocal_UNet25D_smoke
 
     results = tmp_path / "results"

@@ -38,7 +38,7 @@ def _held_out_dice(trainer, raw: Path) -> float:
 
 
 def test_a_short_cpu_training_segments_a_held_out_case(gtv_dataset, monkeypatch):
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal_cpu
+    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DLocal_cpu
 
     for name, path in gtv_dataset["dirs"].items():
         monkeypatch.setenv(name, path)

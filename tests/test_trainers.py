@@ -64,7 +64,8 @@ def test_end_of_training_validation_batches_tiles_at_the_recipes_step():
     import importlib
 
     from nnunetv2_gtv.inference.sliding_window import BatchedTilePredictor, batched_tiles_in_nnunet_validation
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal, nnUNetTrainerGTV25DLocal_cpu
+    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DLocal_cpu
+    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal
 
     module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
     original = module.nnUNetPredictor
@@ -151,7 +152,7 @@ def test_each_trainer_trains_validates_and_saves_through_the_stock_cli(trained_m
 
 def _middle_cpu_real_ct_trainer(gtv_dataset):
     """A fresh nnUNetTrainerGTV25DMiddle_cpuRealCT on the session's synthetic dataset (not initialised)."""
-    from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DMiddle_cpuRealCT
+    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DMiddle_cpuRealCT
 
     folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
     plans = json.loads((folder / "nnUNetPlans.json").read_text())

@@ -1,4 +1,4 @@
-"""Stock nnU-Net stopped at a wall-clock budget: the baselines that ``docs/real_ct.md`` compares our models with.
+"""Stock nnU-Net stopped at a wall-clock budget: the baselines that ``docs/results/real_ct.md`` compares our models with.
 
 ``nnUNetTrainer_<N>min`` is nnU-Net's own ``nnUNetTrainer`` (its plans and network for any configuration, Dice +
 cross-entropy, SGD with the poly schedule, deep supervision, its augmentation with mirroring) and changes only
@@ -10,7 +10,7 @@ what a budget forces:
   budget as it does at the end of nnU-Net's 1000 epochs;
 - an epoch is 5 iterations and 1 validation iteration instead of 250 and 50: on a CPU one iteration of nnU-Net's
   own plans takes about a minute (2d: batch 199 slices; 3d_fullres: batch 2 of 128^3 voxels for the real CTs of
-  docs/real_ct.md), so nnU-Net's epoch would be longer than the whole budget, and the budget is checked (and the
+  docs/results/real_ct.md), so nnU-Net's epoch would be longer than the whole budget, and the budget is checked (and the
   schedule stretched) every few minutes;
 - the end-of-training validation runs without test-time mirroring (8 network passes per tile on a CPU); the
   checkpoint keeps nnU-Net's mirroring axes, so ``nnUNetv2_predict`` mirrors unless ``--disable_tta``.

@@ -28,7 +28,8 @@ from torch import nn
 from nnunetv2_gtv.network.gtv_unet import PAPER_VARIANTS, stage_kernel_sizes
 from nnunetv2_gtv.network.vnet import VNET_CLASS_PATH, vnet_arch_kwargs
 from nnunetv2_gtv.planning.plans_check import GTVPlansError
-from nnunetv2_gtv.training.nnUNetTrainerGTV25D import _Smoke, nnUNetTrainerGTV25DLocal
+from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal
+from nnunetv2_gtv.training.short_runs import SmokeRecipe
 
 VNET_ROW = "3D VNet"
 
@@ -110,27 +111,27 @@ class nnUNetTrainerGTVLocal_UNet25D_PE_AM(_PaperNetwork, nnUNetTrainerGTV25DLoca
     paper_row = "2.5D UNet + PE + AM"
 
 
-class nnUNetTrainerGTVLocal_UNet3D_smoke(_Smoke, nnUNetTrainerGTVLocal_UNet3D):
+class nnUNetTrainerGTVLocal_UNet3D_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_UNet3D):
     pass
 
 
-class nnUNetTrainerGTVLocal_VNet3D_smoke(_Smoke, nnUNetTrainerGTVLocal_VNet3D):
+class nnUNetTrainerGTVLocal_VNet3D_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_VNet3D):
     pass
 
 
-class nnUNetTrainerGTVLocal_UNet25D_smoke(_Smoke, nnUNetTrainerGTVLocal_UNet25D):
+class nnUNetTrainerGTVLocal_UNet25D_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_UNet25D):
     pass
 
 
-class nnUNetTrainerGTVLocal_UNet25D_PE_smoke(_Smoke, nnUNetTrainerGTVLocal_UNet25D_PE):
+class nnUNetTrainerGTVLocal_UNet25D_PE_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_UNet25D_PE):
     pass
 
 
-class nnUNetTrainerGTVLocal_UNet25D_PE_AG_smoke(_Smoke, nnUNetTrainerGTVLocal_UNet25D_PE_AG):
+class nnUNetTrainerGTVLocal_UNet25D_PE_AG_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_UNet25D_PE_AG):
     pass
 
 
-class nnUNetTrainerGTVLocal_UNet25D_PE_AM_smoke(_Smoke, nnUNetTrainerGTVLocal_UNet25D_PE_AM):
+class nnUNetTrainerGTVLocal_UNet25D_PE_AM_smoke(SmokeRecipe, nnUNetTrainerGTVLocal_UNet25D_PE_AM):
     pass
 
 
