@@ -44,6 +44,17 @@ def kill_while_writing(target: Path) -> None:
     assert done.returncode == -9, done.stderr
 
 
+# fixtures that run nnU-Net's commands (plan and preprocess; train): every test that uses one, directly or through
+# another fixture, is marked slow, so that `pytest -m "not slow"` runs no nnU-Net command and trains nothing
+NNUNET_COMMAND_FIXTURES = {"gtv_dataset", "trained_models"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if NNUNET_COMMAND_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def nnunet_dirs(tmp_path, monkeypatch) -> dict:
     """nnUNet_raw / nnUNet_preprocessed / nnUNet_results under tmp_path, set for this process and subprocesses."""

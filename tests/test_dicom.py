@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from matplotlib.path import Path as Polygon
 from pydicom.dataset import Dataset
 
+from nnunetv2_gtv.evaluation.metrics import dice_score
 from nnunetv2_gtv.dicom.outputs import write_dicom_outputs
 from nnunetv2_gtv.dicom.rtstruct import slice_contours
 from nnunetv2_gtv.dicom.series import DicomInputError, find_dicom_series, read_series
@@ -104,11 +105,6 @@ def decode_seg_by_position(path: Path, ct: dict[str, Dataset], grid: sitk.Image,
     return mask
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = np.count_nonzero(a) + np.count_nonzero(b)
-    return 1.0 if total == 0 else 2 * np.count_nonzero(a & b) / total
-
-
 def assert_references_resolve(rtstruct_path: Path, seg_path: Path, ct: dict[str, Dataset]) -> None:
     """Every UID the two objects refer to is the CT's: instances, series, study, frame of reference."""
     first = next(iter(ct.values()))
@@ -192,10 +188,10 @@ def test_rtstruct_rasterises_back_to_the_mask(written):
     assert [o.RTROIInterpretedType for o in rtstruct.RTROIObservationsSequence] == ["GTV", ""]
     expected = sitk.GetArrayFromImage(written["mask"]).astype(bool)
     gtv = rasterise_roi(rtstruct, "GTV", written["ct"], written["mask"])
-    assert dice(gtv, expected) >= 0.98
+    assert dice_score(gtv, expected) >= 0.98
     assert np.array_equal(gtv, expected)  # marching squares at 0.5 separates the pixel centres exactly
     uncertain = rasterise_roi(rtstruct, "GTV_uncertain", written["ct"], written["mask"])
-    assert dice(uncertain, sitk.GetArrayFromImage(written["entropy"]) > 0) >= 0.98
+    assert dice_score(uncertain, sitk.GetArrayFromImage(written["entropy"]) > 0) >= 0.98
     for roi in pydicom.dcmread(written["rtstruct"]).ROIContourSequence:  # DS values as stored: <= 16 characters
         for item in roi.ContourSequence:
             assert max(len(v) for v in item.get_item("ContourData").value.split(b"\\")) <= 16
@@ -402,7 +398,7 @@ def test_gtv_predict_on_a_dicom_folder(results, gtv_dataset, tmp_path, dciodvfy)
         ct = ct_headers(tmp_path / "dicom" / ("first" if case == "P1_5" else "second"))
         expected = sitk.GetArrayFromImage(segmentation).astype(bool)
         rtstruct = pydicom.dcmread(out / f"{case}_RTSTRUCT.dcm")
-        assert dice(rasterise_roi(rtstruct, "GTV", ct, segmentation), expected) >= 0.98
+        assert dice_score(rasterise_roi(rtstruct, "GTV", ct, segmentation), expected) >= 0.98
         np.testing.assert_array_equal(decode_seg_by_position(out / f"{case}_SEG.dcm", ct, segmentation), expected)
         assert_references_resolve(out / f"{case}_RTSTRUCT.dcm", out / f"{case}_SEG.dcm", ct)
         for path in (out / f"{case}_RTSTRUCT.dcm", out / f"{case}_SEG.dcm"):

@@ -13,13 +13,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIOWithReorient
-from scipy import ndimage
 
 from conftest import clean_env, run_cli
 from nnunetv2_gtv.demo.synthetic import write_dataset
 from nnunetv2_gtv.dicom.synthetic import write_ct_series
 from nnunetv2_gtv.ensemble.fusion import ComponentRule
 from nnunetv2_gtv.ensemble.postprocessing import PostprocessingChoice, write_postprocessing
+from independent import largest_component, region_aware_fusion
 from test_dicom import ct_headers, decode_seg_by_position, rasterise_roi
 
 DATASET_ID = 987
@@ -43,22 +43,6 @@ def patient_folders(root: Path) -> Path:
         for value, name in ((1, "GTVp"), (2, "GTVnd")):
             sitk.WriteImage(sitk.Cast(labels == value, sitk.sitkUInt8), str(folder / f"{name}.nii.gz"))
     return source
-
-
-def region_aware_fusion(folders: list[Path], case: str) -> np.ndarray:
-    """The models' saved probabilities averaged over the models whose region holds each voxel, argmax: written
-    here from the npz files, nothing of the package's fusion."""
-    total, count = None, None
-    for folder in folders:
-        with np.load(folder / f"{case}.npz") as saved:
-            probabilities = saved["probabilities"].astype(np.float64)
-            covered = np.ones(probabilities.shape[1:], bool)
-            if "region" in saved:
-                covered[:] = False
-                covered[tuple(slice(a, b) for a, b in saved["region"])] = True
-        total = probabilities * covered if total is None else total + probabilities * covered
-        count = covered.astype(int) if count is None else count + covered
-    return np.where(count > 0, np.argmax(total, axis=0), 0)
 
 
 @pytest.mark.slow
@@ -107,8 +91,7 @@ def test_gtvp_and_gtvnd_from_patient_folders_to_rtstruct_and_seg(tmp_path):
     # the saved probabilities are in the orientation the plans read CTs in (RAS): the fused file read the same way
     fused_as_read = SimpleITKIOWithReorient().read_seg(str(out / f"{fused_case}.nii.gz"))[0][0]
     np.testing.assert_array_equal(fused_as_read == 2, expected == 2)  # GTVnd ("all"): every component kept
-    components, count = ndimage.label(expected == 1)  # GTVp ("largest"): its largest component, 6-connected
-    largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1 if count else components > 0
+    largest, count = largest_component(expected == 1)  # GTVp ("largest"): its largest component, 6-connected
     np.testing.assert_array_equal(fused_as_read == 1, largest)
     assert row["components_removed_GTVnd"] == 0 and row["components_removed_GTVp"] == max(count - 1, 0)
 

@@ -72,6 +72,7 @@ def test_foreground_statistics_option_uses_nnunet_fingerprint(nnunet_dirs):
     assert plans["nnunetv2_gtv"]["intensity_statistics"] == "foreground"
 
 
+@pytest.mark.slow
 def test_stock_cli_plans_and_preprocesses_to_3x1x1_and_clips_the_window(nnunet_dirs):
     raw = write_dataset(nnunet_dirs["nnUNet_raw"], 997, num_train=2, num_test=0, in_plane_size=48, num_slices=14)
     # put extreme values into a block of the first case: -1000 HU air and +2000 HU metal
@@ -147,8 +148,9 @@ def test_overwrite_plans_name_keeps_a_stock_plan_beside_ours(nnunet_dirs):
     assert_gtv_plans(ours, "3d_fullres")
 
 
+@pytest.mark.slow
 def test_overwrite_target_spacing_plans_the_coarser_grid_without_transpose(nnunet_dirs):
-    """The CPU recipe's grid (docs/real_ct.md): in-plane spacing coarser than the slices', axis 0 stays z."""
+    """The CPU recipe's grid (docs/results/real_ct.md): in-plane spacing coarser than the slices', axis 0 stays z."""
     write_dataset(nnunet_dirs["nnUNet_raw"], 985, num_train=2, num_test=0, in_plane_size=40, num_slices=12)
     run_cli(["nnUNetv2_plan_and_preprocess", "-d", "985", "-pl", "nnUNetPlannerGTV25D", "-c", "3d_fullres", "-np", "1",
              "--no_pp", "-overwrite_target_spacing", "3", "4", "4", "-overwrite_plans_name", "nnUNetPlansGTV25D_3x4x4"],
