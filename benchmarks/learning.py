@@ -149,8 +149,11 @@ def report(dataset_name: str, fused: Path, curves: dict[str, list[float]], train
         flagged = {row["case"] for row in csv.DictReader(handle) if row["review"] == "true"}
     fused_dice = {r["case"]: r["dice"] for r in evaluation["metrics"] if r["source"] == "fused"}
     worst = set(sorted(fused_dice, key=fused_dice.get)[:len(flagged)])
-    print(f"\nVVC against 1 - Dice over {len(vvc['cases'])} cases: Spearman rho {vvc.get('spearman_rho')}, "
-          f"p {vvc.get('spearman_p')}. Review-flagged cases: {len(flagged)}; of these, "
+    rho, p = vvc.get("spearman_rho"), vvc.get("spearman_p")
+    correlation = ("Spearman rho undefined (fewer than 3 cases or constant values)" if rho is None
+                   else f"Spearman rho {rho:.2f}, p {p:.2g}")
+    print(f"\nVVC against 1 - Dice over {len(vvc['cases'])} cases: {correlation}. Review-flagged cases: "
+          f"{len(flagged)}; of these, "
           f"{len(flagged & worst)} are among the {len(flagged)} cases with the lowest fused Dice.")
 
     print("\nLearning curves: nnU-Net's pseudo Dice per epoch (validation patches of the fold)\n")

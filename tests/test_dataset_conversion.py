@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from nnunetv2_gtv.cli.dataset import main
 
 ANATOMY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "OpenKBP_anatomy"
-# the 16 held-out test CTs of docs/real_ct.md (seed 2026)
+# the 16 held-out test CTs of docs/results/real_ct.md (seed 2026)
 DOCUMENTED_TEST_CTS = ["kbp_007", "kbp_021", "kbp_031", "kbp_034", "kbp_038", "kbp_042", "kbp_043", "kbp_061",
                        "kbp_068", "kbp_124", "kbp_132", "kbp_136", "kbp_139", "kbp_140", "kbp_141", "kbp_190"]
 
