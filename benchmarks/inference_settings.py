@@ -25,20 +25,17 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-SCALES = ("Local", "Middle", "Global")
-SYNTHETIC_ID, REAL_ID = 981, 982
-REAL_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset910_OpenKBPHN"
-REAL_TEST_CASES = 2
-FOLD = "all"
+from common import FOLD, REAL_SOURCE, SCALES, Schedule, configure_environment, dice_of_files, \
+    nnunet_tile_passes, plan_and_preprocess, real_dataset, train
+
+SYNTHETIC_ID = 981
 
 # name: (tile, step size, mirroring, restrict Local/Middle to their region, bfloat16 on the CPU); the first row
 # is nnUNetv2_predict's inference and the reference of the speed-up and agreement columns
@@ -57,34 +54,6 @@ REFERENCE = next(iter(SETTINGS))
 SCALED_FROM = "patch, step 1, whole image"  # the measured setting an estimated reference is scaled from
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """A short training: ``epochs`` x ``iterations`` at ``batch``; Adam at ``lr`` (the paper's 1e-4 needs far
-    longer than a CPU benchmark can afford)."""
-
-    epochs: int = 4
-    iterations: int = 50
-    batch: int = 4
-    lr: float = 1e-3
-
-
-def configure_environment(work: Path) -> dict[str, Path]:
-    """nnU-Net folders under ``work``; must run before nnunetv2 is imported (it reads them at import)."""
-    if "nnunetv2.paths" in sys.modules:
-        raise RuntimeError("configure_environment must run before nnunetv2 is imported")
-    dirs = {name: work / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for name, path in dirs.items():
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(path)
-    os.environ.setdefault("nnUNet_n_proc_DA", "0")
-    return dirs
-
-
-def nnunet_command(name: str) -> str:
-    """A console script of this environment (nnU-Net's or ours)."""
-    return str(Path(sys.executable).parent / name)
-
-
 def synthetic_dataset(raw: Path, num_train: int, num_test: int, size: int, slices: int) -> str:
     from nnunetv2_gtv.demo.synthetic import write_dataset
 
@@ -95,68 +64,11 @@ def synthetic_dataset(raw: Path, num_train: int, num_test: int, size: int, slice
     return name
 
 
-def real_dataset(raw: Path, source: Path = REAL_SOURCE, num_test: int = REAL_TEST_CASES) -> str:
-    """The real cases as a raw dataset whose last ``num_test`` cases are test cases (images and labels linked)."""
-    name = f"Dataset{REAL_ID}_OpenKBPHN"
-    target = raw / name
-    if (target / "dataset.json").is_file():
-        return name
-    cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
-    for split, chosen in (("Tr", cases[:-num_test]), ("Ts", cases[-num_test:])):
-        (target / f"images{split}").mkdir(parents=True, exist_ok=True)
-        (target / f"labels{split}").mkdir(parents=True, exist_ok=True)
-        for case in chosen:
-            (target / f"images{split}" / f"{case}_0000.nii.gz").symlink_to(source / "imagesTr" / f"{case}_0000.nii.gz")
-            (target / f"labels{split}" / f"{case}.nii.gz").symlink_to(source / "labelsTr" / f"{case}.nii.gz")
-    dataset_json = json.loads((source / "dataset.json").read_text())
-    dataset_json["numTraining"] = len(cases) - num_test
-    (target / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-    return name
-
-
-def plan_and_preprocess(dataset_name: str, preprocessed: Path) -> None:
-    if (preprocessed / dataset_name / "nnUNetPlans_3d_fullres").is_dir():
-        return
-    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", dataset_name[7:10],
-                    "-pl", "nnUNetPlannerGTV25D", "-c", "3d_fullres", "-np", "2"],
-                   check=True, stdout=subprocess.DEVNULL)
-
-
-def train(dataset_name: str, scale: str, schedule: Schedule, results: Path, fold: int | str = FOLD) -> Path:
-    """Train nnUNetTrainerGTV25D<scale> with ``schedule``; returns its checkpoint (reused when it exists)."""
-    import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    trainer_name = f"nnUNetTrainerGTV25D{scale}"
-    checkpoint = results / dataset_name / f"{trainer_name}__nnUNetPlans__3d_fullres" / f"fold_{fold}" / \
-        "checkpoint_final.pth"
-    if checkpoint.is_file():
-        return checkpoint
-    trainer = get_trainer_from_args(dataset_name, "3d_fullres", fold, trainer_name, device=torch.device("cpu"))
-    trainer.num_epochs = schedule.epochs
-    trainer.num_iterations_per_epoch = schedule.iterations
-    trainer.num_val_iterations_per_epoch = 2
-    trainer.initial_lr = schedule.lr
-    trainer.initialize()
-    trainer.batch_size = schedule.batch
-    trainer.run_training()
-    return checkpoint
-
-
 def _cases_and_labels(raw: Path, dataset_name: str) -> tuple[list, dict[str, Path]]:
     from nnunetv2_gtv.inference import find_cases
 
     cases = find_cases(raw / dataset_name / "imagesTs")
     return cases, {c.case: raw / dataset_name / "labelsTs" / f"{c.case}.nii.gz" for c in cases}
-
-
-def dice(prediction: Path, reference: Path) -> float:
-    import SimpleITK as sitk
-
-    a = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
-    b = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def evaluate(dataset_name: str, raw: Path, results: Path, work: Path, names: list[str]) -> list[dict]:
@@ -183,9 +95,9 @@ def evaluate(dataset_name: str, raw: Path, results: Path, work: Path, names: lis
                                RunOptions(num_processes=0, progress=False), log=lambda m: None)
         if report.failures:
             raise RuntimeError(f"{name}: {report.failures}")
-        case_dice = {c.case: dice(output / f"{c.case}{c.file_ending}", labels[c.case]) for c in cases}
+        case_dice = {c.case: dice_of_files(output / f"{c.case}{c.file_ending}", labels[c.case]) for c in cases}
         first = Path(rows[0]["output"]) if rows else output
-        agreement = {c.case: dice(output / f"{c.case}{c.file_ending}", first / f"{c.case}{c.file_ending}")
+        agreement = {c.case: dice_of_files(output / f"{c.case}{c.file_ending}", first / f"{c.case}{c.file_ending}")
                      for c in cases}
         rows.append({"dataset": dataset_name, "setting": name, "output": str(output), "agreement": agreement,
                      "tile": tile, "step": step, "mirroring": mirroring,
@@ -196,28 +108,6 @@ def evaluate(dataset_name: str, raw: Path, results: Path, work: Path, names: lis
         print(f"{name}: Dice {np.mean(list(case_dice.values())):.3f}, "
               f"{np.mean(list(rows[-1]['seconds'].values())):.1f} s per case", flush=True)
     return rows
-
-
-def nnunet_tile_passes(predictor, image: Path, step: float, mirroring: bool) -> int:
-    """Network passes of nnU-Net's sliding window (``predictor``'s tile layout at ``step``, times its mirrorings
-    when ``mirroring``) over ``image`` resampled to the plans' spacing and padded to at least the patch, as
-    nnU-Net pads it. Reads the image header only."""
-    import SimpleITK as sitk
-    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(image))
-    reader.ReadImageInformation()
-    configuration = predictor.configuration_manager
-    shape = compute_new_shape(reader.GetSize()[::-1], reader.GetSpacing()[::-1], configuration.spacing)
-    shape = tuple(int(n) for n in np.maximum(shape, configuration.patch_size))
-    saved_step = predictor.tile_step_size
-    predictor.tile_step_size = step
-    try:
-        tiles = len(predictor._internal_get_sliding_window_slicers(shape))
-    finally:
-        predictor.tile_step_size = saved_step
-    return tiles * (2 ** len(predictor.allowed_mirroring_axes or ()) if mirroring else 1)
 
 
 def estimated_row(name: str, measured: dict, raw: Path, results: Path) -> dict:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference_settings import REAL_SOURCE, configure_environment, nnunet_command, plan_and_preprocess, real_dataset
+from common import REAL_SOURCE, configure_environment, nnunet_command, plan_and_preprocess, real_dataset
 
 SYNTHETIC_ID = 983
 SYNTHETIC = {"num_train": 12, "num_test": 6, "size": 128, "slices": 44, "in_plane_mm": (1.6, 1.9)}

@@ -54,8 +54,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_settings import SCALES, Schedule, configure_environment, dice, nnunet_command, nnunet_tile_passes, \
-    plan_and_preprocess, synthetic_dataset, train  # noqa: E402
+from common import SCALES, Schedule, configure_environment, dice_of_files, nnunet_command, \
+    nnunet_tile_passes, plan_and_preprocess, train  # noqa: E402
+from inference_settings import synthetic_dataset  # noqa: E402
 
 from nnunetv2_gtv.inference.models import default_model_labels  # noqa: E402
 from nnunetv2_gtv.inference.settings import cpu_description  # noqa: E402
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.device)
         rows.append(("gtv-predict, defaults, -precision float32", NUM_MODELS, float32.seconds, "measured",
                      float32.peak_bytes))
-        precision_dice = dice(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
+        precision_dice = dice_of_files(work / "defaults" / "ct.nii.gz", work / "defaults_float32" / "ct.nii.gz")
         print(f"gtv-predict defaults float32: {float32.seconds:.1f} s {_timing(float32.stdout)}; fused Dice vs "
               f"defaults {precision_dice:.4f}; load {os.getloadavg()}", flush=True)
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                 *SAME_SETTINGS[args.two_step]], env, args.device)
         rows.append((f"gtv-predict, the two-step path's settings ({args.two_step})", args.k, same.seconds, "measured",
                      same.peak_bytes))
-        agreement = dice(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
+        agreement = dice_of_files(work / "two_step" / "fused" / "ct.nii.gz", work / "same_settings" / "ct.nii.gz")
         print(f"gtv-predict, two-step settings: {same.seconds:.1f} s {_timing(same.stdout)}; fused Dice vs two-step: "
               f"{agreement:.5f}; load {os.getloadavg()}", flush=True)
 

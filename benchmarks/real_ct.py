@@ -43,13 +43,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from inference_settings import configure_environment, nnunet_command
+from common import configure_environment, load_average, logger, nnunet_command, run_logged
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "OpenKBP_anatomy"
 DATASET_ID, DATASET = 920, "Dataset920_HeadNeckPTV70"
@@ -105,24 +104,12 @@ FUSION_RULES = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[real_ct {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
+log = logger("real_ct")
+load = load_average
 
 
 def run(command: list[str], log_file: Path, env: dict | None = None) -> float:
-    """Run a console command with its output in ``log_file``; returns its wall time."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log(f"$ {' '.join(command)}  (output: {log_file})")
-    start = time.perf_counter()
-    with open(log_file, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{command[0]} failed with exit code {result.returncode}; see {log_file}")
-    return time.perf_counter() - start
+    return run_logged(command, log_file, env, log)
 
 
 class Record:
@@ -544,7 +531,7 @@ def training_frames(dirs: dict) -> tuple[dict, float] | None:
 
 
 def population_prior(dirs: dict, record: Record, folds: Sequence[int]) -> None:
-    """A baseline that reads no tumour from the CT: each validation CT of ``folds`` gets the mean of its fold's
+    """A benchmark-only baseline (not in the package) that reads no tumour from the CT: each validation CT of ``folds`` gets the mean of its fold's
     training PTV70 masks, placed by the mandible and lung-apex levels (z) and the body's box (y, x) that the sampling
     regions find in each CT, and cut to the training masks' median volume (a rule set by the training CTs alone).
     Scored on the recipe's preprocessed grid. What the models add over it is what they read of the patient."""
