@@ -37,7 +37,8 @@ PLANS = {"dataset_name": "Dataset991_Test", "plans_name": "nnUNetPlans", "image_
 DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "GTV": 1}, "numTraining": 2,
            "file_ending": ".nii.gz"}
 COLUMNS_6 = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, 7)]
-             + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models"])
+             + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models", "pairwise_dice_mean",
+                "pairwise_dice_min", "agreement", "entropy_in_fused", "soft_dice"])
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import xlogy
 
+from nnunetv2_gtv.ensemble.agreement import AgreementScores, mean_inside, pairwise_dice, soft_dice, vote_agreement
 from nnunetv2_gtv.ensemble.errors import FusionInputError, SingleModelWarning
 from nnunetv2_gtv.ensemble.folders import DatasetInfo
 from nnunetv2_gtv.ensemble.probability_file import open_probabilities, read_region
@@ -158,6 +159,7 @@ class LabelResult:
     vvc_models: tuple[int, ...]
     components_removed: int
     review: bool
+    scores: AgreementScores = field(default=AgreementScores())
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ class CaseResult:
     missing_models: tuple[int, ...]  # 1-based positions of the models that lack the case
     outputs: tuple[Path, ...] = field(default=())
     labels: tuple[LabelResult, ...] = field(default=())
+    scores: AgreementScores = field(default=AgreementScores())
 
 
 @dataclass
@@ -334,6 +337,9 @@ class _Accumulator:
         self._capacity = num_models
         self._running_max = np.empty(self.num_voxels, dtype=np.float32)
         self._label = np.empty(self.num_voxels, dtype=np.uint8 if num_labels <= 256 else np.uint16)
+        # each model's own mask per foreground label and its region, bit-packed, for the agreement scores
+        self.model_masks: list[list[np.ndarray]] = []
+        self.model_covers: list[np.ndarray | None] = []
 
     def add(self, npz: Path, weight: float, tolerance: float, region: Ranges | None = None) -> np.ndarray:
         """Stream one model's npz in; return its voxel count per label inside its region (argmax of its own
@@ -372,6 +378,8 @@ class _Accumulator:
                     self._check_sums(part, weight, tolerance, stream.path)
         if covered is not None:
             self._label[~covered] = 0  # a model says nothing outside its region
+        self.model_masks.append([np.packbits(self._label == channel) for channel in range(1, self.num_labels)])
+        self.model_covers.append(None if covered is None else np.packbits(covered))
         for part in _chunks(self.num_voxels):
             label = self._label[part]
             for channel in range(1, self.num_labels):
@@ -391,6 +399,40 @@ class _Accumulator:
 
     def release_sums(self) -> None:
         self.sum = self.votes = self.weight_map = self.cover_count = None
+        self.model_masks = self.model_covers = None
+
+    def _unpacked(self, packed: np.ndarray) -> np.ndarray:
+        return np.unpackbits(packed, count=self.num_voxels).view(bool)
+
+    def agreement_scores(self, segmentation: np.ndarray, entropy: np.ndarray
+                         ) -> tuple[AgreementScores, dict[int, AgreementScores]]:
+        """The agreement scores (:mod:`nnunetv2_gtv.ensemble.agreement`) of every foreground label pooled, and of
+        each label, for the flat fused ``segmentation`` (after its component rule) and the entropy map."""
+        covers = [None if c is None else self._unpacked(c) for c in self.model_covers]
+        cover = self.num_models if self.cover_count is None else self.cover_count
+        per_label = {}
+        for label in range(1, self.num_labels):
+            masks = [self._unpacked(m[label - 1]) for m in self.model_masks]
+            per_label[label] = self._scores(masks, covers, self.votes[label - 1], cover, segmentation == label,
+                                            entropy, [label])
+        if self.num_labels == 2:
+            return per_label[1], per_label
+        pooled = [np.logical_or.reduce([self._unpacked(m) for m in model]) for model in self.model_masks]
+        case = self._scores(pooled, covers, self.votes.sum(axis=0, dtype=np.int64), cover, segmentation > 0, entropy,
+                            list(range(1, self.num_labels)))
+        return case, per_label
+
+    def _scores(self, masks: list[np.ndarray], covers: list[np.ndarray | None], votes: np.ndarray,
+                cover: np.ndarray | int, fused: np.ndarray, entropy: np.ndarray, channels: list[int]
+                ) -> AgreementScores:
+        inside = total = 0.0
+        for part in _chunks(self.num_voxels):
+            probability = self._mean(self.sum[channels, part].sum(axis=0), part).astype(np.float64)
+            total += float(probability.sum())
+            inside += float(probability[fused[part]].sum())
+        mean_dice, lowest_dice = pairwise_dice(masks, covers)
+        return AgreementScores(mean_dice, lowest_dice, vote_agreement(votes, cover), mean_inside(entropy, fused),
+                               soft_dice(inside, total, int(np.count_nonzero(fused))))
 
     def _weight(self, part: slice) -> np.ndarray | float:
         return self.total_weight if self.weight_map is None else self.weight_map[part]
@@ -579,15 +621,15 @@ def _vvc_models(mask: np.ndarray, regions: Sequence[Ranges | None], present: Seq
 
 
 def _label_result(label: int, name: str, counts: Sequence[np.ndarray | None], regions: Sequence[Ranges | None],
-                  segmentation: np.ndarray, removed: int, voxel_ml: float, settings: FusionSettings
-                  ) -> LabelResult:
+                  segmentation: np.ndarray, removed: int, voxel_ml: float, settings: FusionSettings,
+                  scores: AgreementScores) -> LabelResult:
     present = [i for i, c in enumerate(counts) if c is not None]
     volumes = tuple(None if c is None else int(c[label]) * voxel_ml for c in counts)
     mask = segmentation == label
     chosen = _vvc_models(mask, regions, present)
     vvc = volume_variation_coefficient([volumes[i] for i in chosen])
     return LabelResult(label, name, volumes, int(np.count_nonzero(mask)) * voxel_ml, vvc,
-                       tuple(i + 1 for i in chosen), removed, bool(vvc > settings.vvc_threshold))
+                       tuple(i + 1 for i in chosen), removed, bool(vvc > settings.vvc_threshold), scores)
 
 
 def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray | None],
@@ -609,14 +651,15 @@ def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray |
         entropy = accumulator.mean_probability_entropy()
     else:
         entropy = accumulator.vote_entropy()
+    removed = filter_components(segmentation, settings.connectivity, settings.component_rules(shape[0]), voxel_ml)
+    case_scores, label_scores = accumulator.agreement_scores(segmentation.reshape(-1), entropy)
     accumulator.release_sums()
     write(entropy, entropy_file)
     del entropy
 
-    removed = filter_components(segmentation, settings.connectivity, settings.component_rules(shape[0]), voxel_ml)
     write(segmentation, seg_file)
     labels = tuple(_label_result(label, dataset.name_of(label), counts, regions, segmentation, removed[label],
-                                 voxel_ml, settings) for label in range(1, shape[0]))
+                                 voxel_ml, settings, label_scores[label]) for label in range(1, shape[0]))
     present = [i for i, c in enumerate(counts) if c is not None]
     volumes = tuple(None if c is None else int(c[1:].sum()) * voxel_ml for c in counts)
     chosen = _vvc_models(segmentation > 0, regions, present)
@@ -633,4 +676,5 @@ def _write_fused(case: str, accumulator: _Accumulator, counts: list[np.ndarray |
         missing_models=tuple(i + 1 for i, c in enumerate(counts) if c is None),
         outputs=(seg_file, entropy_file, *probability_file),
         labels=labels,
+        scores=case_scores,
     )

@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nnunetv2_gtv.ensemble.agreement import SCORE_NAMES
 from nnunetv2_gtv.errors import CaseError
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, output_files
 from nnunetv2_gtv.io.atomic import write_text
@@ -29,11 +30,11 @@ def csv_columns(num_models: int, label_names: Sequence[str] = ()) -> list[str]:
     """The summary's columns: the case-level ones (every foreground label pooled), then, with more than one
     foreground label (``label_names``), each label's own (``<column>_<label name>``)."""
     columns = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, num_models + 1)]
-               + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models"])
+               + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models", *SCORE_NAMES])
     for name in label_names:
         columns += ([f"volume_ml_model_{i}_{name}" for i in range(1, num_models + 1)]
                     + [f"volume_ml_fused_{name}", f"vvc_{name}", f"vvc_models_{name}", f"components_removed_{name}",
-                       f"review_{name}"])
+                       f"review_{name}"] + [f"{score}_{name}" for score in SCORE_NAMES])
     return columns
 
 
@@ -57,6 +58,7 @@ def case_row(result: CaseResult) -> dict:
         "review": result.review,
         "missing_models": list(result.missing_models),
     })
+    row.update({name: _rounded(value) for name, value in result.scores.values().items()})
     if len(result.labels) > 1:  # one foreground label: its numbers are the case's
         for label in result.labels:
             row.update({f"volume_ml_model_{i}_{label.name}": _rounded(v)
@@ -68,6 +70,7 @@ def case_row(result: CaseResult) -> dict:
                 f"components_removed_{label.name}": label.components_removed,
                 f"review_{label.name}": label.review,
             })
+            row.update({f"{name}_{label.name}": _rounded(value) for name, value in label.scores.values().items()})
     return row
 
 
