@@ -161,6 +161,42 @@ def _middle_cpu_real_ct_trainer(gtv_dataset):
                                                json.loads((folder / "dataset.json").read_text()), torch.device("cpu"))
 
 
+def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset, monkeypatch):
+    """The demo's recipe: the same seed gives the same initial network and worker seeds, another seed another
+    network; nnU-Net's Dice + CE, poly decay from 1e-3, a third of each batch on foreground, 300 iterations."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DLocal_cpu
+
+    for name, path in gtv_dataset["dirs"].items():
+        monkeypatch.setenv(name, path)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # worker processes (built here, never started)
+    folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # set by nnU-Net's run_training before it builds a trainer
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+
+    def seeded(seed):
+        trainer = nnUNetTrainerGTV25DLocal_cpu(dict(plans), "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        trainer.training_seed = seed
+        trainer.seed_training()
+        trainer.initialize()
+        return trainer
+
+    first, again, other = seeded(0), seeded(0), seeded(1)
+    weights = [t.network.state_dict() for t in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert isinstance(first.loss, DC_and_CE_loss) and isinstance(first.lr_scheduler, PolyLRScheduler)
+    assert first.optimizer.defaults["lr"] == 1e-3 and first.oversample_foreground_percent == 0.33
+    assert first.batch_size == 4 and first.num_epochs * first.num_iterations_per_epoch == 300
+    train, validation = first.get_dataloaders()
+    assert train.seeds == [1000, 1001] and validation.seeds == [2000]
+    for loader in (train, validation):
+        loader._finish()
+
+
 def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dataset, monkeypatch, tmp_path):
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -17,15 +19,19 @@ from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DGlobal,
 
 
 class CpuRecipe(nnUNetTrainerNoMirroring):
-    """``..._cpu``: a recipe that learns on 2 CPU cores in minutes (the demo's). The network, planner, loss,
+    """``..._cpu``: a recipe that learns on 2 CPU cores in minutes (the demo's). The network, planner,
     augmentation and sampling region are the paper's; what differs, and why:
 
     - 300 iterations (6 epochs of 50) at batch 4 instead of 17,000 at batch 16: a batch-16 step costs about
       5-8 s on 2 cores, the paper's length would take more than a day;
-    - Adam lr 1e-3 instead of 1e-4: with a few hundred iterations the paper's rate barely moves the weights
-      (the step decay of 0.9 every 10,000 iterations never triggers either way);
-    - half of each batch centred on foreground (the authors' code; nnU-Net's default is a third), so that a
-      short run sees the tumour often enough;
+    - Adam from 1e-3 with nnU-Net's poly decay to 0, nnU-Net's soft Dice + cross-entropy loss and a third of each
+      batch centred on foreground (nnU-Net's defaults) instead of the paper's 1e-4 (x 0.9 every 10,000 iterations),
+      soft Dice alone and half of each batch on foreground. In a few hundred iterations 1e-4 barely moves the
+      weights; at a constant 1e-3 the last weights land anywhere on a noisy path, and the Global model marked up
+      to 2.5x the tumour in one seed of two, with either loss; with the decay and a third on foreground it did not
+      (``benchmarks/demo_recipe.py``, docs/results/learning.md#the-demo-recipe);
+    - seeded (``training_seed``): network initialisation, patch sampling and augmentation, in this process and in
+      nnU-Net's augmentation workers, so a rerun trains the same models (nnU-Net seeds nothing);
     - no mirroring, neither as augmentation nor at inference: test-time mirroring costs 8 network passes per
       tile on the CPU; 5 validation iterations per epoch instead of 50 (the pseudo Dice is a progress signal);
     - the end-of-training validation slides its window at step 1 (no overlap, gtv-predict's CPU default)
@@ -34,6 +40,9 @@ class CpuRecipe(nnUNetTrainerNoMirroring):
 
     cpu_batch_size = 4
     validation_step_size = 1.0
+    loss_kind = "dice_ce"  # or "dice" (the paper's); recipe studies switch it on the instance
+    lr_schedule = "poly"  # or "step" (the paper's)
+    training_seed: int | None = 0  # None: unseeded, as nnU-Net trains
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -42,11 +51,44 @@ class CpuRecipe(nnUNetTrainerNoMirroring):
         self.num_epochs = 6
         self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 5
-        self.oversample_foreground_percent = 0.5
+        self.oversample_foreground_percent = 0.33
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
         self.batch_size = min(self.batch_size, self.cpu_batch_size)
+
+    def _build_loss(self):
+        if self.loss_kind == "dice_ce":
+            return nnUNetTrainer._build_loss(self)
+        return super()._build_loss()
+
+    def configure_optimizers(self):
+        optimizer, scheduler = super().configure_optimizers()
+        if self.lr_schedule == "poly":
+            scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, scheduler
+
+    def seed_training(self) -> None:
+        """Seed what this process draws at random: network initialisation, patch sampling, augmentation."""
+        random.seed(self.training_seed)
+        np.random.seed(self.training_seed)
+        torch.manual_seed(self.training_seed)
+
+    def on_train_start(self):
+        if self.training_seed is not None:
+            self.seed_training()
+            self.print_to_log_file(f"training seeded with {self.training_seed}")
+        super().on_train_start()
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; seeded, their augmentation worker processes get seeds of their own (nnU-Net leaves
+        them unseeded). They start at the first batch, so the seeds set here are the ones they use."""
+        loaders = super().get_dataloaders()
+        if self.training_seed is not None:
+            for offset, loader in enumerate(loaders, start=1):
+                if getattr(loader, "seeds", None) is not None:
+                    loader.seeds = [self.training_seed + 1000 * offset + i for i in range(len(loader.seeds))]
+        return loaders
 
 
 class CpuRealCTRecipe(CpuRecipe):
@@ -54,25 +96,24 @@ class CpuRealCTRecipe(CpuRecipe):
     Adam, augmentation and sampling region are the paper's; it is meant for plans made at a coarser grid
     (``-overwrite_target_spacing 3 4 4``, see docs/results/real_ct.md). What differs from the paper's recipe, and why:
 
-    - loss: nnU-Net's soft Dice + cross-entropy instead of the soft Dice alone. The Dice over the foreground
-      barely punishes false positives in patches without target, and real CT has far more target-like soft tissue
-      than a patch shows: on real CT the ``_cpu`` recipe (Dice only, 300 iterations) marked 10-50x the target's
-      volume, and this recipe with the Dice alone 2-3x (the loss study of docs/results/real_ct.md);
-    - lr: Adam from 1e-3 with nnU-Net's poly decay to 0 (the paper: 1e-4, x 0.9 every 10,000 iterations; in a
-      few thousand iterations 1e-4 barely moves the weights, and the decay lets the last epochs settle);
+    - loss: nnU-Net's soft Dice + cross-entropy instead of the soft Dice alone (as the ``_cpu`` recipe). The Dice
+      over the foreground barely punishes false positives in patches without target, and real CT has far more
+      target-like soft tissue than a patch shows: on real CT the ``_cpu`` recipe of the paper's loss (Dice only,
+      300 iterations) marked 10-50x the target's volume, and this recipe with the Dice alone 2-3x (the loss study
+      of docs/results/real_ct.md);
+    - lr: Adam from 1e-3 with nnU-Net's poly decay to 0 (as ``_cpu``; the paper: 1e-4, x 0.9 every 10,000
+      iterations; in a few thousand iterations 1e-4 barely moves the weights, and the decay lets the last epochs
+      settle);
     - 500 iterations (10 epochs of 50) at batch 8 instead of 17,000 at batch 16: about 20 minutes on 2 cores,
       end-of-training validation included (the learning curve of docs/results/real_ct.md shows where it flattens);
-    - a third of each batch centred on foreground (nnU-Net's default; the paper's code: half), so most patches
-      show the background the model must learn to leave alone;
-    - as the ``_cpu`` recipe: no mirroring, 5 validation iterations per epoch, end-of-training validation at step 1.
+    - as the ``_cpu`` recipe: a third of each batch centred on foreground (nnU-Net's default; the paper's code:
+      half), seeded, no mirroring, 5 validation iterations per epoch, end-of-training validation at step 1.
 
     Every ``snapshot_every_epochs`` epochs the network weights are saved as ``checkpoint_epoch_<E>.pth`` (weights
     only, 17 MB; ``gtv-predict -chk``), so the Dice on held-out cases can be drawn against iterations.
     """
 
     cpu_batch_size = 8
-    loss_kind = "dice_ce"  # or "dice" (the paper's); the learning study switches it on the instance
-    lr_schedule = "poly"  # or "step" (the paper's)
     mirror_axes: tuple[int, ...] | None = None  # spatial axes (z, y, x) mirrored in training and at inference
     patch_size_zyx: tuple[int, int, int] | None = None  # None: the plans' patch
     snapshot_every_epochs = 2
@@ -81,12 +122,6 @@ class CpuRealCTRecipe(CpuRecipe):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 10
-        self.oversample_foreground_percent = 0.33
-
-    def _build_loss(self):
-        if self.loss_kind == "dice_ce":
-            return nnUNetTrainer._build_loss(self)
-        return super()._build_loss()
 
     def on_train_start(self):
         """A ``patch_size_zyx`` of the recipe goes into the plans this model writes (its plans.json), so that
@@ -112,12 +147,6 @@ class CpuRealCTRecipe(CpuRecipe):
                                    f"{[int(v) for v in initial_patch_size]}")
         self.inference_allowed_mirroring_axes = self.mirror_axes
         return rotation, dummy_2d, initial_patch_size, self.mirror_axes
-
-    def configure_optimizers(self):
-        optimizer, scheduler = super().configure_optimizers()
-        if self.lr_schedule == "poly":
-            scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-        return optimizer, scheduler
 
     def on_epoch_end(self):
         epoch = self.current_epoch + 1
