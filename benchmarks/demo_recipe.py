@@ -7,7 +7,7 @@ own results folder, the variant's loss, lr schedule and foreground share set thr
 then each model alone segments the 3 held-out CTs (``gtv-predict``, every component kept) and is scored by Dice and
 by its volume over the reference's. Results: docs/results/learning.md#the-demo-recipe.
 
-    python benchmarks/demo_recipe.py --work DIR [--variants dice dice_ce dice_ce_poly_33] [--scales Global] [--seeds 0 1]
+    python benchmarks/demo_recipe.py --work DIR [--variants dice dice_ce dice_ce_poly_33] [--seeds 0 1]
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def prepare(work: Path) -> None:
     if not (raw / DATASET_NAME / "dataset.json").is_file():
         write_dataset(raw, DATASET_ID, name="DemoRecipe", **DEMO_DATA)
     if not (work / "preprocessed" / DATASET_NAME / "nnUNetPlans_3d_fullres").is_dir():
-        subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerGTV25D",
+        subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
+                        "-pl", "nnUNetPlannerGTV25D",
                         "-c", "3d_fullres", "-np", "2"], check=True, stdout=subprocess.DEVNULL,
                        env=environment(work, work / "results"))
 
@@ -105,7 +106,8 @@ def run_one(work: Path, scale: str, variant: str, seed: int) -> dict:
     train_seconds = time.time() - started
     prediction = work / "predictions" / key
     raw = work / "raw" / DATASET_NAME
-    subprocess.run([nnunet_command("gtv-predict"), "-i", str(raw / "imagesTs"), "-o", str(prediction), "-d", str(DATASET_ID),
+    subprocess.run([nnunet_command("gtv-predict"), "-i", str(raw / "imagesTs"), "-o", str(prediction),
+                    "-d", str(DATASET_ID),
                     "-m", f"{scale}:0", "-tr_suffix", "_cpu", "-device", "cpu", "--keep-all-components",
                     "--continue"], check=True, env=env, stdout=subprocess.DEVNULL)
     rows = score(prediction, raw / "labelsTs")
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---|---:|")
     for r in results:
         ratios = ", ".join(f"{c['volume_ratio']:.2f}" for c in r["cases"])
-        print(f"| {r['scale']} | {r['variant']} | {r['seed']} | {r['mean_dice']:.3f} | {ratios} | {r['train_seconds']} |")
+        print(f"| {r['scale']} | {r['variant']} | {r['seed']} | {r['mean_dice']:.3f} | {ratios} "
+              f"| {r['train_seconds']} |")
     return 0
 
 

@@ -29,7 +29,8 @@ def test_commands_parse_arguments_and_call_the_library(path: Path):
     mains = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)
              and node.name == "main"]
     for main in mains:
-        assert main.end_lineno - main.lineno + 1 <= 40, f"{path.name}: main has {main.end_lineno - main.lineno + 1} lines"
+        lines = main.end_lineno - main.lineno + 1
+        assert lines <= 40, f"{path.name}: main has {lines} lines"
 
 
 def test_files_are_renamed_into_place_only_by_the_io_package():
