@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common import configure_environment, load_average, logger, nnunet_command, run_logged
+from recipe_study import apply_study_variant
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "OpenKBP_anatomy"
 DATASET_ID, DATASET = 920, "Dataset920_HeadNeckPTV70"
@@ -285,8 +286,7 @@ def study_fold(dirs: dict, record: Record, iterations: int, variants: list[int] 
             default_log = Path(trainer.log_file)  # nnU-Net opened it in the default model folder
             trainer.log_file = str(model_folder / default_log.name)
             default_log.unlink(missing_ok=True)
-            for attribute, value in overrides.items():
-                setattr(trainer, attribute, value)
+            apply_study_variant(trainer, overrides)
             trainer.num_epochs = max(1, iterations // trainer.num_iterations_per_epoch)
             trainer.snapshot_every_epochs = 0
             load_before, start = load(), time.perf_counter()

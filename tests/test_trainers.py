@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,14 +227,18 @@ def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dat
 
 
 def test_cpu_real_ct_study_knobs_reach_training_and_the_saved_plans(gtv_dataset, monkeypatch, tmp_path):
-    """The recipe study's mirror_axes and patch_size_zyx: augmentation and test-time mirroring follow the axes, a
-    patch of its own stays in-plane augmented and goes into the plans the model folder keeps for inference."""
+    """The recipe study's mirror_axes and patch_size_zyx (benchmarks/recipe_study.py, set on the instance):
+    augmentation and test-time mirroring follow the axes, a patch of its own stays in-plane augmented and goes into
+    the plans the model folder keeps for inference."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recipe_study import apply_study_variant
+
     for name, path in {**gtv_dataset["dirs"], "nnUNet_results": str(tmp_path)}.items():
         monkeypatch.setenv(name, path)
     trainer = _middle_cpu_real_ct_trainer(gtv_dataset)
     rotation, dummy_2d, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror is None and trainer.inference_allowed_mirroring_axes is None and dummy_2d and initial[0] == 16
-    trainer.mirror_axes, trainer.patch_size_zyx = (2,), (32, 64, 64)
+    apply_study_variant(trainer, {"mirror_axes": (2,), "patch_size_zyx": (32, 64, 64)})
     trainer.output_folder_base, trainer.output_folder = str(tmp_path), str(tmp_path / "fold_0")
     trainer.on_train_start()
     try:

@@ -2,13 +2,11 @@
 at a CPU budget, docs/results/real_ct.md), for each sampling region."""
 from __future__ import annotations
 
-import math
 import os
 import random
 
 import numpy as np
 import torch
-from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
@@ -114,39 +112,12 @@ class CpuRealCTRecipe(CpuRecipe):
     """
 
     cpu_batch_size = 8
-    mirror_axes: tuple[int, ...] | None = None  # spatial axes (z, y, x) mirrored in training and at inference
-    patch_size_zyx: tuple[int, int, int] | None = None  # None: the plans' patch
     snapshot_every_epochs = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 10
-
-    def on_train_start(self):
-        """A ``patch_size_zyx`` of the recipe goes into the plans this model writes (its plans.json), so that
-        nnUNetv2_predict and gtv-predict slide the same patch over a CT as training drew."""
-        if self.patch_size_zyx is not None:
-            for configuration in (self.plans_manager.plans["configurations"][self.configuration_name],
-                                  self.configuration_manager.configuration):
-                configuration["patch_size"] = list(self.patch_size_zyx)
-        super().on_train_start()
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """nnU-Net's, with the recipe's mirroring axes; with a patch of the recipe's own the augmentation stays
-        in-plane ("dummy 2D", as nnU-Net chooses for the plans' 16 x 64 x 64) whatever the patch's shape, since the
-        network convolves in-plane."""
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if self.patch_size_zyx is not None and not dummy_2d:
-            dummy_2d = True
-            rotation = (-math.pi, math.pi)  # nnU-Net's in-plane range for dummy 2D
-            patch_size = self.configuration_manager.patch_size
-            initial_patch_size = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
-            initial_patch_size[0] = patch_size[0]
-            self.print_to_log_file(f"in-plane augmentation for patch {list(patch_size)}, drawn as "
-                                   f"{[int(v) for v in initial_patch_size]}")
-        self.inference_allowed_mirroring_axes = self.mirror_axes
-        return rotation, dummy_2d, initial_patch_size, self.mirror_axes
 
     def on_epoch_end(self):
         epoch = self.current_epoch + 1
