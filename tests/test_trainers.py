@@ -163,8 +163,9 @@ def _middle_cpu_real_ct_trainer(gtv_dataset):
 
 
 def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset, monkeypatch):
-    """The demo's recipe: the same seed gives the same initial network and worker seeds, another seed another
-    network; nnU-Net's Dice + CE, poly decay from 1e-3, a third of each batch on foreground, 300 iterations."""
+    """The demo's recipe: the same seed gives the same initial network and the same augmented batches from nnU-Net's
+    worker process, another seed others; nnU-Net's Dice + CE, poly decay from 1e-3, a third of each batch on
+    foreground, 300 iterations."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
@@ -172,7 +173,7 @@ def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset
 
     for name, path in gtv_dataset["dirs"].items():
         monkeypatch.setenv(name, path)
-    monkeypatch.setenv("nnUNet_n_proc_DA", "2")  # worker processes (built here, never started)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")
     folder = Path(gtv_dataset["dirs"]["nnUNet_preprocessed"]) / DATASET_NAME
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # set by nnU-Net's run_training before it builds a trainer
@@ -192,10 +193,14 @@ def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset
     assert isinstance(first.loss, DC_and_CE_loss) and isinstance(first.lr_scheduler, PolyLRScheduler)
     assert first.optimizer.defaults["lr"] == 1e-3 and first.oversample_foreground_percent == 0.33
     assert first.batch_size == 4 and first.num_epochs * first.num_iterations_per_epoch == 300
-    train, validation = first.get_dataloaders()
-    assert train.seeds == [1000, 1001] and validation.seeds == [2000]
-    for loader in (train, validation):
-        loader._finish()
+    batches = []
+    for trainer in (first, again, other):  # one augmentation worker: batches arrive in the order drawn
+        train, validation = trainer.get_dataloaders()
+        batches.append(next(train)["data"])
+        assert train.seeds == [trainer.training_seed + 1000] and validation.seeds == [trainer.training_seed + 2000]
+        for loader in (train, validation):
+            loader._finish()
+    assert torch.equal(batches[0], batches[1]) and not torch.equal(batches[0], batches[2])
 
 
 def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dataset, monkeypatch, tmp_path):

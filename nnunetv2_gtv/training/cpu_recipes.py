@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -79,15 +80,25 @@ class CpuRecipe(nnUNetTrainerNoMirroring):
         super().on_train_start()
 
     def get_dataloaders(self):
-        """nnU-Net's loaders; seeded, their augmentation worker processes get seeds of their own (nnU-Net leaves
-        them unseeded). They start at the first batch, so the seeds set here are the ones they use."""
-        loaders = super().get_dataloaders()
-        if self.training_seed is not None:
-            for offset, loader in enumerate(loaders, start=1):
-                if getattr(loader, "seeds", None) is not None:
-                    loader.seeds = [self.training_seed + 1000 * offset + i for i in range(len(loader.seeds))]
-        return loaders
+        """nnU-Net's loaders; seeded, their augmentation worker processes get seeds of their own (nnU-Net starts them
+        unseeded, inside this very call, so the seeds go in as the augmenters are built)."""
+        if self.training_seed is None:
+            return super().get_dataloaders()
+        module = sys.modules[nnUNetTrainer.__module__]
+        unseeded = module.NonDetMultiThreadedAugmenter
+        built = []
 
+        def seeded(*args, num_processes: int, seeds=None, **kwargs):
+            base = self.training_seed + 1000 * (len(built) + 1)
+            built.append(unseeded(*args, num_processes=num_processes,
+                                  seeds=[base + i for i in range(num_processes)], **kwargs))
+            return built[-1]
+
+        module.NonDetMultiThreadedAugmenter = seeded
+        try:
+            return super().get_dataloaders()
+        finally:
+            module.NonDetMultiThreadedAugmenter = unseeded
 
 class CpuRealCTRecipe(CpuRecipe):
     """``..._cpuRealCT``: the CPU recipe that learns a target on real CT (``docs/results/real_ct.md``). Network, AM/PE,
