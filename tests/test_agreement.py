@@ -10,19 +10,8 @@ import numpy as np
 import pytest
 
 from nnunetv2_gtv.ensemble.agreement import SCORE_NAMES, mean_inside, pairwise_dice, soft_dice, vote_agreement
-from test_multilabel_fusion import one_hot, run, write_3label_models
-from test_uncertainty import SHAPE, binary, nnunet_properties, read_csv, write_models
-
-
-@pytest.fixture(scope="module")
-def properties(tmp_path_factory) -> dict:
-    import SimpleITK as sitk
-
-    path = tmp_path_factory.mktemp("ct") / "ref_0000.nii.gz"
-    image = sitk.GetImageFromArray(np.zeros(SHAPE, np.int16))
-    image.SetSpacing((0.7, 0.9, 3.1))
-    sitk.WriteImage(image, str(path))
-    return nnunet_properties(path)
+from test_multilabel_fusion import one_hot, properties, run, write_3label_models  # noqa: F401 (fixture)
+from test_uncertainty import SHAPE, binary, read_csv, write_models
 
 
 def test_pairwise_dice_by_hand():
