@@ -26,12 +26,15 @@ DATASET_NAME = f"Dataset{DATASET_ID}_DemoRecipe"
 # the demo's gtv-synthetic arguments (setup_scripts/run_demo.sh)
 DEMO_DATA = {"num_train": 10, "num_test": 3, "in_plane_size": 128, "num_slices": 44, "in_plane_mm": (1.6, 1.9),
              "orientations": "mixed", "seed": 0}
-# what a variant changes on the ``_cpu`` recipe (loss; lr schedule: the recipe's constant 1e-3 or nnU-Net's poly
-# decay; share of patches centred on foreground): the recipe as shipped before this study is "dice"
+# what a variant changes on the ``_cpu`` recipe (loss; lr schedule: a constant 1e-3 or nnU-Net's poly decay; share
+# of patches centred on foreground; epochs of 50 iterations): the recipe before this study was "dice", the one of
+# the first round "dice_ce_poly_33"
 VARIANTS = {
-    "dice": {"loss": "dice", "lr": "constant", "foreground": 0.5},
-    "dice_ce": {"loss": "dice_ce", "lr": "constant", "foreground": 0.5},
-    "dice_ce_poly_33": {"loss": "dice_ce", "lr": "poly", "foreground": 0.33},
+    "dice": {"loss": "dice", "lr": "constant", "foreground": 0.5, "epochs": 6},
+    "dice_ce": {"loss": "dice_ce", "lr": "constant", "foreground": 0.5, "epochs": 6},
+    "dice_ce_poly_33": {"loss": "dice_ce", "lr": "poly", "foreground": 0.33, "epochs": 6},
+    "dice_ce_poly_50": {"loss": "dice_ce", "lr": "poly", "foreground": 0.5, "epochs": 6},
+    "dice_ce_poly_33_12ep": {"loss": "dice_ce", "lr": "poly", "foreground": 0.33, "epochs": 12},
 }
 
 
@@ -71,6 +74,7 @@ def train_worker(scale: str, variant: str, seed: int) -> None:
     trainer.loss_kind = switches["loss"]
     trainer.lr_schedule = "poly" if switches["lr"] == "poly" else "step"  # "step": constant over 300 iterations
     trainer.oversample_foreground_percent = switches["foreground"]
+    trainer.num_epochs = switches["epochs"]
     trainer.training_seed = seed
     trainer.print_to_log_file(f"demo_recipe study: {variant} {switches}, seed {seed}")
     trainer.run_training()
