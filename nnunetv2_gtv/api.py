@@ -42,6 +42,7 @@ from nnunetv2_gtv.inference.inputs import InputError
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT, ModelError
 from nnunetv2_gtv.inference.settings import InferenceSettings
 from nnunetv2_gtv.io.folders import OutputFolderError, check_outside_inputs
+from nnunetv2_gtv.planning.ct_channels import channel_names
 from nnunetv2_gtv.runs import RunResult, finish_run, finished_row, list_failures, open_output_folder, part_of
 
 USER_ERRORS = (InputError, ModelError, FusionInputError, OutputFolderError, EvaluationInputError, ReviewInputError,
@@ -98,7 +99,7 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
 
     from nnunetv2_gtv.dicom.outputs import write_run_outputs
     from nnunetv2_gtv.inference.export import model_predictions_folder
-    from nnunetv2_gtv.inference.inputs import check_inputs, dicom_series_of_cases, find_cases
+    from nnunetv2_gtv.inference.inputs import check_channels, check_inputs, dicom_series_of_cases, find_cases
     from nnunetv2_gtv.inference.models import check_shared_preprocessing, dataset_folder_name, load_model, \
         model_record, resolve_models
     from nnunetv2_gtv.inference.pipeline import RunOptions, predict_cases
@@ -125,6 +126,8 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
               for spec in specs]
     check_shared_preprocessing(loaded)
     ensemble = EnsemblePredictor(loaded, settings)
+    check_channels(part_of(cases, num_parts, part_id),
+                   channel_names(ensemble.dataset_json, str(specs[0].folder / "dataset.json")))
     names = label_names(ensemble.dataset_json)
     fusion.component_rules(len(label_values(ensemble.dataset_json, str(specs[0].folder / "dataset.json"))))
     output_folder = open_output_folder(prog, output, len(loaded))

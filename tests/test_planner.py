@@ -108,10 +108,10 @@ def test_stock_cli_plans_and_preprocesses_to_3x1x1_and_clips_the_window(nnunet_d
 
 
 @pytest.mark.parametrize("channel_names, message", [
-    ({"0": "CT", "1": "CT"}, "exactly one input channel"),
-    ({"0": "MRI"}, "channel 0 is 'MRI'"),
+    ({"0": "CT", "2": "CT"}, "must number the channels 0, 1, ..."),
+    ({"0": "MRI"}, "channel 0: 'MRI' is not named as a CT"),
 ])
-def test_non_ct_or_multichannel_datasets_are_refused(nnunet_dirs, channel_names, message):
+def test_non_ct_or_misnumbered_channels_are_refused(nnunet_dirs, channel_names, message):
     raw = write_dataset(nnunet_dirs["nnUNet_raw"], 998, num_train=1, num_test=0, in_plane_size=32, num_slices=10)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints
 

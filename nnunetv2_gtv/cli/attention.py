@@ -24,7 +24,8 @@ from nnunetv2_gtv.cli.common import add_inference_arguments, add_model_arguments
 from nnunetv2_gtv.io.atomic import check_writable  # noqa: E402
 from nnunetv2_gtv.inference.attention import DEFAULT_BLOCK, AttentionBlockError, attention_blocks, \
     write_attention_maps  # noqa: E402
-from nnunetv2_gtv.inference.inputs import InputError, check_inputs, find_cases  # noqa: E402
+from nnunetv2_gtv.inference.inputs import InputError, check_channels, check_inputs, find_cases  # noqa: E402
+from nnunetv2_gtv.planning.ct_channels import channel_names  # noqa: E402
 from nnunetv2_gtv.inference.models import ModelError, dataset_folder_name, load_model, resolve_models  # noqa: E402
 from nnunetv2_gtv.inference.settings import set_threads  # noqa: E402
 
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         cases = find_cases(args.i)
         check_inputs(cases)
+        check_channels(cases, channel_names(model.predictor.dataset_json, str(spec.folder / "dataset.json")))
         if Path(args.o).resolve() in {c.path.resolve().parent for c in cases}:
             raise InputError(f"{args.o}: the output folder must not be the input folder")
         output_folder = check_writable(args.o)

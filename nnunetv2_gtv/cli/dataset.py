@@ -9,7 +9,7 @@ from nnunetv2_gtv.dataset_conversion.patient_folders import MISSING_RULES, OVERL
     write_dataset
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gtv-dataset", description=__doc__,
         epilog="Layout read: SOURCE/<patient>/ct.nii.gz and SOURCE/<patient>/<TARGET>.nii.gz (0/1 on the CT's grid), "
@@ -31,19 +31,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--missing-mask", choices=MISSING_RULES, default="refuse",
                         help="a patient without one of the masks: refuse (an error naming it; default), skip (left "
                              "out, listed in split.json) or empty (that label is absent, e.g. no nodes)")
-    parser.add_argument("--ct", default="ct.nii.gz", help="CT file name in each patient folder (default: %(default)s)")
+    parser.add_argument("--ct", nargs="+", default=["ct.nii.gz"], metavar="CT_FILE",
+                        help="CT file name in each patient folder (default: %(default)s); several co-registered CTs "
+                             "on one grid (e.g. ct.nii.gz ct_contrast.nii.gz) become channels 0, 1, ... in this order")
+    parser.add_argument("--ct-window", nargs=2, type=float, action="append", metavar=("LOW", "HIGH"),
+                        help="HU window of a CT channel, once per --ct file in its order (default: the paper's -200 "
+                             "700 for every channel); written to dataset.json, recorded in the plans")
     parser.add_argument("--num-test", type=int, default=16, help="held-out test patients (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the split's permutation (default: %(default)s)")
     parser.add_argument("--split", metavar="SPLIT_JSON",
                         help="use this split (a split.json written before) instead of drawing one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.output:
         parser.error("no output folder: pass -o or set nnUNet_raw")
     try:
         write_dataset(args.input, args.output, args.dataset_id, args.name, args.target, args.ct, args.num_test,
                       args.seed, args.split, args.overwrite, log=lambda line: print(f"gtv-dataset: {line}"),
-                      missing=args.missing_mask, overlap=args.overlap)
+                      missing=args.missing_mask, overlap=args.overlap, ct_windows=args.ct_window)
     except PatientFolderError as err:
         print(f"gtv-dataset: error: {err}", file=sys.stderr)
         return 2

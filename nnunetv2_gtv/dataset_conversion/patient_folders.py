@@ -5,6 +5,12 @@ The layout read is the one of ``OpenKBP_anatomy`` (and of most research exports)
     SOURCE/<patient>/ct.nii.gz          CT in HU
     SOURCE/<patient>/PTV70.nii.gz       a target, 0/1 on the CT's grid (any other names with --target)
 
+Several co-registered CTs per patient (``--ct ct.nii.gz ct_contrast.nii.gz``: a plain and a contrast-enhanced CT, as
+SegRap2023 provides them) become the channels ``<patient>_0000``, ``<patient>_0001``, ... in that order, each checked
+to lie on the first CT's grid; their channel names come from the file names (``ct`` -> ``CT``, ``ct_contrast``
+stays), and ``--ct-window LOW HIGH`` once per channel sets each one's HU window in ``dataset.json``
+(``planning.ct_channels``; default: the paper's [-200, 700] HU for every channel).
+
 Several targets (``--target GTVp GTVnd``) become labels 1..K in that order, written as one label map per patient.
 Where two masks mark the same voxel the ``overlap`` rule decides: ``refuse`` (the default: an error naming the
 patient, the labels and the voxels), ``later`` (the later target in --target wins) or ``earlier``. A patient that
@@ -34,9 +40,11 @@ import SimpleITK as sitk
 
 from nnunetv2_gtv.dataset_conversion.staging import existing_datasets
 from nnunetv2_gtv.io.atomic import staged_folder
+from nnunetv2_gtv.io.images import geometry_mismatch
+from nnunetv2_gtv.planning.ct_channels import CT_WINDOWS_KEY, check_window, is_ct_name
+from nnunetv2_gtv.planning.plans_check import GTVPlansError
 
 SPLIT_FILE = "split.json"
-GEOMETRY_TOLERANCE = 1e-3  # mm (spacing, origin) and direction cosines: a mask must lie on its CT's grid
 
 
 class PatientFolderError(ValueError):
@@ -50,7 +58,7 @@ MISSING_RULES = ("refuse", "skip", "empty")
 @dataclass(frozen=True)
 class Patient:
     name: str
-    ct: Path
+    cts: tuple[Path, ...]  # one file per CT channel, on one grid
     targets: tuple[Path | None, ...]  # one mask per target, None where it is missing (missing="empty")
     target_ml: tuple[float, ...]
 
@@ -63,22 +71,12 @@ class Skipped:
     missing: tuple[str, ...]
 
 
-def _geometry_mismatch(ct: sitk.Image, mask: sitk.Image) -> str | None:
-    if ct.GetSize() != mask.GetSize():
-        return f"size {mask.GetSize()} is not the CT's {ct.GetSize()}"
-    for what, a, b in (("spacing", ct.GetSpacing(), mask.GetSpacing()), ("origin", ct.GetOrigin(), mask.GetOrigin()),
-                       ("direction", ct.GetDirection(), mask.GetDirection())):
-        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
-            return f"{what} {tuple(round(v, 4) for v in b)} is not the CT's {tuple(round(v, 4) for v in a)}"
-    return None
-
-
 def _read_mask(path: Path, ct: sitk.Image) -> np.ndarray:
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as err:
         raise PatientFolderError(f"{path}: cannot be read: {str(err).strip().splitlines()[-1]}")
-    mismatch = _geometry_mismatch(ct, mask)
+    mismatch = geometry_mismatch(ct, mask)
     if mismatch:
         raise PatientFolderError(f"{path}: not on the CT's grid: {mismatch}")
     array = sitk.GetArrayFromImage(mask)
@@ -107,13 +105,32 @@ def label_map(masks: Sequence[np.ndarray | None], overlap: str, where: str, name
     return labels
 
 
-def read_patient(folder: Path, ct_name: str, target_names: Sequence[str] | str, missing: str = "refuse",
-                 overlap: str = "refuse") -> Patient | Skipped:
+def _check_channel(path: Path, ct: sitk.Image) -> None:
+    """Another CT of the patient: readable (header), one 3D channel, on the first CT's grid."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise PatientFolderError(f"{path}: cannot be read: {str(err).strip().splitlines()[-1]}")
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise PatientFolderError(f"{path}: not a single-channel 3D image")
+    mismatch = geometry_mismatch(ct, reader)
+    if mismatch:
+        raise PatientFolderError(f"{path}: not on the grid of the first CT: {mismatch}; the CTs of a patient must "
+                                 "be co-registered and resampled to one grid")
+
+
+def read_patient(folder: Path, ct_names: Sequence[str] | str, target_names: Sequence[str] | str,
+                 missing: str = "refuse", overlap: str = "refuse") -> Patient | Skipped:
     """Check one patient folder; raise PatientFolderError naming the file and the problem."""
     names = [target_names] if isinstance(target_names, str) else list(target_names)
-    ct_path = folder / ct_name
-    if not ct_path.is_file():
-        raise PatientFolderError(f"{ct_path}: missing")
+    ct_paths = [folder / name for name in ([ct_names] if isinstance(ct_names, str) else ct_names)]
+    absent_cts = [path for path in ct_paths if not path.is_file()]
+    if absent_cts:
+        raise PatientFolderError(f"{absent_cts[0]}: missing" + (f" (and {', '.join(p.name for p in absent_cts[1:])})"
+                                                                 if len(absent_cts) > 1 else ""))
+    ct_path = ct_paths[0]
     paths = [folder / f"{name}.nii.gz" for name in names]
     absent = [name for name, path in zip(names, paths) if not path.is_file()]
     if absent and missing == "skip":
@@ -127,6 +144,8 @@ def read_patient(folder: Path, ct_name: str, target_names: Sequence[str] | str, 
         raise PatientFolderError(f"{folder}: cannot read the CT: {str(err).strip().splitlines()[-1]}")
     if ct.GetDimension() != 3 or ct.GetNumberOfComponentsPerPixel() != 1:
         raise PatientFolderError(f"{ct_path}: not a single-channel 3D image")
+    for other in ct_paths[1:]:
+        _check_channel(other, ct)
     masks = [_read_mask(path, ct) if path.is_file() else None for path in paths]
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
     volumes = tuple(0.0 if m is None else int(np.count_nonzero(m)) * voxel_ml for m in masks)
@@ -136,7 +155,7 @@ def read_patient(folder: Path, ct_name: str, target_names: Sequence[str] | str, 
                                  f"{folder}: every target mask ({', '.join(names)}) is empty")
     if len(names) > 1:
         label_map(masks, overlap, str(folder), names)
-    return Patient(folder.name, ct_path, tuple(p if p.is_file() else None for p in paths), volumes)
+    return Patient(folder.name, tuple(ct_paths), tuple(p if p.is_file() else None for p in paths), volumes)
 
 
 def patient_folders(source: Path) -> list[Path]:
@@ -179,24 +198,57 @@ def _write_labels(patient: Patient, target: Path, names: Sequence[str], overlap:
     if len(names) == 1:
         shutil.copyfile(patient.targets[0], target)
         return
-    ct = sitk.ReadImage(str(patient.ct))
+    ct = sitk.ReadImage(str(patient.cts[0]))
     masks = [None if path is None else _read_mask(path, ct) for path in patient.targets]
     image = sitk.GetImageFromArray(label_map(masks, overlap, patient.name, names))
     image.CopyInformation(ct)
     sitk.WriteImage(image, str(target), useCompression=True)
 
 
+def channel_name(ct_file: str) -> str:
+    """A CT channel's name from its file name: ``ct.nii.gz`` -> ``CT``, ``ct_contrast.nii.gz`` -> ``ct_contrast``,
+    ``plain.nii.gz`` -> ``CT_plain`` (a channel name must say CT, ``planning.ct_channels``)."""
+    stem = Path(ct_file).name.split(".")[0]
+    if stem.lower() == "ct":
+        return "CT"
+    return stem if is_ct_name(stem) else f"CT_{stem}"
+
+
+def ct_channels(ct_names: Sequence[str], windows: Sequence[Sequence[float]] | None = None) -> dict:
+    """dataset.json entries for the CT channels: ``channel_names`` and, with ``windows``, ``ct_windows_hu``."""
+    if not ct_names or len(set(ct_names)) != len(ct_names):
+        raise PatientFolderError(f"--ct needs one or more distinct file names, got {list(ct_names)}")
+    names = ["CT"] if len(ct_names) == 1 else [channel_name(n) for n in ct_names]
+    if len(set(names)) != len(names):
+        raise PatientFolderError(f"--ct {' '.join(ct_names)}: the files give the same channel name twice ({names})")
+    entries: dict = {"channel_names": dict(enumerate(names))}
+    if windows:
+        if len(windows) != len(ct_names):
+            raise PatientFolderError(f"--ct-window: give one window per CT channel ({len(ct_names)}: "
+                                     f"{', '.join(ct_names)}), got {len(windows)}")
+        try:
+            entries[CT_WINDOWS_KEY] = {str(i): list(check_window(w, f"--ct-window for {n}"))
+                                       for i, (w, n) in enumerate(zip(windows, ct_names))}
+        except GTVPlansError as err:
+            raise PatientFolderError(str(err)) from None
+    return entries
+
+
 def write_dataset(source: str | os.PathLike, raw_dir: str | os.PathLike, dataset_id: int, name: str,
-                  target_names: Sequence[str] | str = "PTV70", ct_name: str = "ct.nii.gz", num_test: int = 16,
-                  seed: int = 2026, split_file: str | os.PathLike | None = None, overwrite: bool = False,
-                  log=print, missing: str = "refuse", overlap: str = "refuse") -> Path:
+                  target_names: Sequence[str] | str = "PTV70", ct_names: Sequence[str] | str = "ct.nii.gz",
+                  num_test: int = 16, seed: int = 2026, split_file: str | os.PathLike | None = None,
+                  overwrite: bool = False, log=print, missing: str = "refuse", overlap: str = "refuse",
+                  ct_windows: Sequence[Sequence[float]] | None = None) -> Path:
     """Check every patient of ``source``, split them, and write ``<raw_dir>/DatasetXXX_<name>``; return its path.
-    ``target_names`` become labels 1..K in their order; ``missing`` and ``overlap`` as the module docstring says."""
+    ``target_names`` become labels 1..K in their order, ``ct_names`` channels 0..C-1 (``ct_windows``: one HU window
+    per channel); ``missing`` and ``overlap`` as the module docstring says."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     names = [target_names] if isinstance(target_names, str) else list(target_names)
     if not names or len(set(names)) != len(names) or "background" in names:
         raise PatientFolderError(f"--target needs distinct names other than 'background', got {names}")
+    ct_names = [ct_names] if isinstance(ct_names, str) else list(ct_names)
+    channels = ct_channels(ct_names, ct_windows)
     if missing not in MISSING_RULES or overlap not in OVERLAP_RULES:
         raise PatientFolderError(f"missing must be one of {MISSING_RULES} and overlap one of {OVERLAP_RULES}")
     if not 1 <= dataset_id <= 999:
@@ -209,12 +261,12 @@ def write_dataset(source: str | os.PathLike, raw_dir: str | os.PathLike, dataset
     if existing and not overwrite:
         raise PatientFolderError(f"{existing[0]} exists; pass --overwrite to replace it (dataset id {dataset_id})")
     folders = patient_folders(source)
-    log(f"checking {len(folders)} patient folders in {source} (CT {ct_name}, "
+    log(f"checking {len(folders)} patient folders in {source} (CT {', '.join(ct_names)}, "
         f"target{'s' if len(names) > 1 else ''} {', '.join(n + '.nii.gz' for n in names)})")
     patients, skipped, problems = {}, {}, []
     for folder in folders:
         try:
-            found = read_patient(folder, ct_name, names, missing, overlap)
+            found = read_patient(folder, ct_names, names, missing, overlap)
         except PatientFolderError as err:
             problems.append(str(err))
             continue
@@ -240,10 +292,11 @@ def write_dataset(source: str | os.PathLike, raw_dir: str | os.PathLike, dataset
             (staging / f"labels{suffix}").mkdir()
             for patient_name in split[part]:
                 patient = patients[patient_name]
-                shutil.copyfile(patient.ct, staging / f"images{suffix}" / f"{patient_name}_0000.nii.gz")
+                for channel, ct in enumerate(patient.cts):
+                    shutil.copyfile(ct, staging / f"images{suffix}" / f"{patient_name}_{channel:04d}.nii.gz")
                 _write_labels(patient, staging / f"labels{suffix}" / f"{patient_name}.nii.gz", names, overlap)
         generate_dataset_json(
-            str(staging), channel_names={0: "CT"}, labels={"background": 0, **{n: i for i, n in enumerate(names, 1)}},
+            str(staging), **channels, labels={"background": 0, **{n: i for i, n in enumerate(names, 1)}},
             num_training_cases=len(split["train"]), file_ending=".nii.gz", dataset_name=target.name,
             description=f"{', '.join(names)} on CT, from the patient folders of {source.name} (nnunetv2_gtv "
                         "gtv-dataset)")
@@ -256,6 +309,7 @@ def write_dataset(source: str | os.PathLike, raw_dir: str | os.PathLike, dataset
                   "num_train": len(split["train"]), "num_test": len(split["test"]), "unused": unused,
                   **({"overlap": overlap, "missing": missing, "skipped": skipped} if len(names) > 1 or skipped
                      else {}),
+                  **({"ct_files": ct_names} if len(ct_names) > 1 else {}),
                   "target_ml": volumes, **split}
         (staging / SPLIT_FILE).write_text(json.dumps(record, indent=1) + "\n")
     test_ml = [sum(patients[n].target_ml) for n in split["test"]]

@@ -9,7 +9,10 @@ a skull shell, the neck a spine and an airway that widens into the nasopharynx; 
 low-contrast tumour of realistic size (5-60 ml) and irregular outline on the posterior-lateral nasopharynx wall,
 invading the airway and the neighbouring soft tissue; unlabeled GTV-like nodes sit lower in the neck. With
 ``nodes=True`` the primary becomes GTVp (label 1) and 1-4 metastatic lymph nodes (GTVnd, label 2; 10-24 mm across)
-sit in the upper and middle neck, lateral to the airway, as SegRap2023 labels them. The anatomy
+sit in the upper and middle neck, lateral to the airway, as SegRap2023 labels them. With ``contrast=True`` every
+case has two co-registered CTs, as SegRap2023 provides them: a plain CT (channel 0, ``CT``) on which tumour and nodes
+are iso-dense with the soft tissue around them (invisible but for their shape in the airway), and a
+contrast-enhanced CT (channel 1, ``CT_contrast``) on which they enhance, as do the carotid arteries. The anatomy
 scales with the field of view, the tumour does not (it is sized in mm): use a realistic field of view (about
 200-250 mm, e.g. ``--size 128 --in-plane-mm 1.6 1.9``) for realistic proportions.
 
@@ -34,6 +37,8 @@ AIR_HU = -1000.0
 FAT_HU = -90.0
 SOFT_TISSUE_HU = 40.0
 GTV_HU = 65.0
+ENHANCING_GTV_HU = 110.0  # tumour and nodes on the contrast-enhanced CT
+ARTERY_HU = 300.0  # carotid arteries on the contrast-enhanced CT
 BONE_HU = 1100.0
 SPINE_HU = 700.0
 NOISE_SD_HU = 12.0
@@ -43,6 +48,7 @@ TUMOUR_VOLUME_ML = (5.0, 60.0)
 NODE_DIAMETER_MM = (10.0, 24.0)
 NODE_COUNT = (1, 4)
 BINARY_LABELS = {"background": 0, "GTV": 1}
+CONTRAST_CHANNELS = {0: "CT", 1: "CT_contrast"}
 NODE_LABELS = {"background": 0, "GTVp": 1, "GTVnd": 2}
 
 # Fractions of the superior-inferior extent (0 = bottom slice, 1 = top slice) where regions begin.
@@ -145,10 +151,43 @@ def render_nodes(u: np.ndarray, v: np.ndarray, s: np.ndarray, wx: np.ndarray, wy
     return mask
 
 
+@dataclass
+class _Anatomy:
+    """A case before noise: HU image, label, and the voxels that enhance with contrast."""
+
+    image: np.ndarray  # float32 HU, noise-free; tumour and nodes at GTV_HU
+    label: np.ndarray
+    gtv_like: np.ndarray  # tumour, labelled and unlabelled nodes
+    arteries: np.ndarray
+
+
 def render_case(geometry: CaseGeometry, rng: np.random.Generator, nodes: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (image in HU as int16, label as uint8), both as (z, y, x) arrays on ``geometry``'s grid; with
     ``nodes`` the label holds GTVp (1) and GTVnd (2)."""
+    anatomy = _render_anatomy(geometry, rng, nodes)
+    return _with_noise(anatomy.image, rng), anatomy.label
+
+
+def render_contrast_case(geometry: CaseGeometry, rng: np.random.Generator, nodes: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (plain CT, contrast-enhanced CT, label) on ``geometry``'s grid: on the plain CT tumour and nodes have
+    the soft tissue's HU, on the contrast CT they and the carotid arteries enhance; each CT has its own noise."""
+    anatomy = _render_anatomy(geometry, rng, nodes)
+    plain = anatomy.image.copy()
+    plain[anatomy.gtv_like] = SOFT_TISSUE_HU
+    enhanced = anatomy.image.copy()
+    enhanced[anatomy.gtv_like] = ENHANCING_GTV_HU
+    enhanced[anatomy.arteries] = ARTERY_HU
+    return _with_noise(plain, rng), _with_noise(enhanced, rng), anatomy.label
+
+
+def _with_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noisy = image + rng.normal(0, NOISE_SD_HU, size=image.shape).astype(np.float32)
+    return np.clip(np.round(noisy), -1024, 3071).astype(np.int16)
+
+
+def _render_anatomy(geometry: CaseGeometry, rng: np.random.Generator, nodes: bool) -> _Anatomy:
     wx, wy, wz = geometry.world_axes()
     half_x = (wx.max() - wx.min()) / 2 + 1e-6
     half_y = (wy.max() - wy.min()) / 2 + 1e-6
@@ -210,18 +249,24 @@ def render_case(geometry: CaseGeometry, rng: np.random.Generator, nodes: bool = 
     image[gtv] = GTV_HU
 
     # GTV-like lymph nodes in the neck, not labelled
+    gtv_like = gtv.copy()
     for _ in range(2):
         centre = (rng.uniform(-0.25, 0.25), rng.uniform(-0.05, 0.2), rng.uniform(NECK_START + 0.04, HEAD_START - 0.06))
         node = (((u - centre[0]) / 0.07) ** 2 + ((v - centre[1]) / 0.07) ** 2 + ((s - centre[2]) / 0.05) ** 2) <= 1
-        image[node & body & (image == SOFT_TISSUE_HU)] = GTV_HU
+        node &= body & (image == SOFT_TISSUE_HU)
+        image[node] = GTV_HU
+        gtv_like |= node
 
     label = gtv.astype(np.uint8)
     if nodes:
         node = render_nodes(u, v, s, wx, wy, wz, rng) & body & (image < SPINE_HU) & (image > AIR_HU) & ~gtv
         image[node] = GTV_HU
         label[node] = 2
-    image += rng.normal(0, NOISE_SD_HU, size=shape).astype(np.float32)
-    return np.clip(np.round(image), -1024, 3071).astype(np.int16), label
+        gtv_like |= node
+    # carotid arteries: left and right of the airway from the shoulders to the skull base (no random draw)
+    arteries = (s < HEAD_START + 0.04) & body & (image == SOFT_TISSUE_HU) & (
+        _ellipse(u, v, -0.2, 0.08, 0.035, 0.035) | _ellipse(u, v, 0.2, 0.08, 0.035, 0.035))
+    return _Anatomy(image, label, gtv_like, arteries)
 
 
 def random_geometry(rng: np.random.Generator, in_plane_size: int, num_slices: int, orientation: str,
@@ -277,12 +322,14 @@ def write_dataset(
     in_plane_mm: tuple[float, float] = (0.8, 1.2),
     slice_mm: tuple[float, float] = (2.5, 3.5),
     nodes: bool = False,
+    contrast: bool = False,
 ) -> Path:
     """Write ``<raw_dir>/DatasetXXX_<name>`` and return its path.
 
     The dataset is assembled in a temporary folder next to the target and renamed into place, so a
     crash never leaves a half-written dataset. ``orientations="mixed"`` cycles identity, flipped superior
-    axis and flipped in-plane axes over the cases. ``nodes``: labels GTVp and GTVnd (see the module docstring).
+    axis and flipped in-plane axes over the cases. ``nodes``: labels GTVp and GTVnd; ``contrast``: a plain and a
+    contrast-enhanced CT per case, ``<case>_0000`` and ``<case>_0001`` (see the module docstring).
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -303,16 +350,20 @@ def write_dataset(
         splits += [("Ts", f"case_{num_train + i:03d}") for i in range(num_test)]
         for (split, case), orientation in zip(splits, _orientation_plan(len(splits), orientations)):
             geometry = random_geometry(rng, in_plane_size, num_slices, orientation, in_plane_mm, slice_mm)
-            image, label = render_case(geometry, rng, nodes)
+            *channels, label = (render_contrast_case(geometry, rng, nodes) if contrast
+                                else render_case(geometry, rng, nodes))
             (staging / f"images{split}").mkdir(exist_ok=True)
             (staging / f"labels{split}").mkdir(exist_ok=True)
-            sitk.WriteImage(to_sitk_image(image, geometry), str(staging / f"images{split}" / f"{case}_0000.nii.gz"))
+            for channel, image in enumerate(channels):
+                sitk.WriteImage(to_sitk_image(image, geometry),
+                                str(staging / f"images{split}" / f"{case}_{channel:04d}.nii.gz"))
             sitk.WriteImage(to_sitk_image(label, geometry), str(staging / f"labels{split}" / f"{case}.nii.gz"))
         generate_dataset_json(
-            str(staging), channel_names={0: "CT"}, labels=NODE_LABELS if nodes else BINARY_LABELS,
+            str(staging), channel_names=CONTRAST_CHANNELS if contrast else {0: "CT"},
+            labels=NODE_LABELS if nodes else BINARY_LABELS,
             num_training_cases=num_train, file_ending=".nii.gz", dataset_name=target.name,
             description="Synthetic head-and-neck CT with a nasopharyngeal GTV" + (" and nodal GTVs" if nodes else "")
-                        + " (nnunetv2_gtv.demo.synthetic)",
+                        + (", plain and contrast-enhanced CT" if contrast else "") + " (nnunetv2_gtv.demo.synthetic)",
             seed=seed, orientations=orientations,
         )
     return target
@@ -338,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", action="store_true",
                         help="also draw 1-4 metastatic lymph nodes in the upper and middle neck: labels GTVp (1) and "
                              "GTVnd (2), as SegRap2023")
+    parser.add_argument("--contrast", action="store_true",
+                        help="two CTs per case, as SegRap2023: a plain CT (channel 0) on which the tumour is iso-dense "
+                             "and a contrast-enhanced CT (channel 1) on which it enhances")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args(argv)
     if not args.output:
@@ -345,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_dataset(args.output, args.dataset_id, args.name, args.num_train, args.num_test, args.size,
                              args.slices, args.seed, args.orientations, args.overwrite, tuple(args.in_plane_mm),
-                             tuple(args.slice_mm), args.nodes)
+                             tuple(args.slice_mm), args.nodes, args.contrast)
     except (FileExistsError, ValueError) as err:
         print(f"gtv-synthetic: error: {err}", file=sys.stderr)
         return 2

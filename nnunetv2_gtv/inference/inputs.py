@@ -1,7 +1,9 @@
 """CT inputs of gtv-predict: one image file, or a folder of them, in NIfTI, NRRD or MHA, any orientation.
 
-A case is named after its file without the ending and without nnU-Net's channel suffix ``_0000``. Headers are
-checked before any work (3D, one component, more than one slice), intensities when a case is read.
+A case is named after its file without the ending and without nnU-Net's channel suffix ``_0000``. Models trained on
+several CT channels (a plain and a contrast-enhanced CT) take a folder in which each case has one file per channel,
+``<case>_0000``, ``<case>_0001``, ... as nnU-Net names them, all on one grid. Headers are checked before any work
+(3D, one component, more than one slice, the channels of a case on one grid), intensities when a case is read.
 
 Images are read with the models' reader class. Plans of ``nnUNetPlannerGTV25D`` name nnU-Net's
 ``SimpleITKIOWithReorient``: every CT is reoriented to RAS when read, so the same physical CT gives the same array,
@@ -30,6 +32,7 @@ import SimpleITK as sitk
 from nnunetv2_gtv.dicom.outputs import grid_mismatch
 from nnunetv2_gtv.dicom.series import DicomInputError, DicomSeries, find_dicom_series, is_dicom_folder, \
     read_dicom_series, read_series
+from nnunetv2_gtv.io.images import geometry_mismatch
 from nnunetv2_gtv.training.regions import superior_axis_from_direction
 
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -45,23 +48,35 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class InputCase:
     case: str
-    path: Path  # the image file, or the folder of a DICOM series
+    path: Path  # the image file (channel 0), or the folder of a DICOM series
     series: DicomSeries | None = None  # a DICOM CT series
+    extra_channels: tuple[Path, ...] = ()  # the files of channels 1, 2, ... (``<case>_0001``, ...)
 
     @property
     def file_ending(self) -> str:
         """Of the input, and of the outputs (NIfTI for a DICOM series)."""
         return DICOM_OUTPUT_ENDING if self.series is not None else _ending(self.path.name)
 
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """One image file per channel, in channel order."""
+        return (self.path, *self.extra_channels)
+
 
 def _ending(name: str) -> str | None:
     return next((e for e in FILE_ENDINGS if name.lower().endswith(e)), None)
 
 
-def _case_name(path: Path) -> str:
-    stem = path.name[:-len(_ending(path.name))]
+def _stem(path: Path) -> str:
+    return path.name[:-len(_ending(path.name))]
+
+
+def _case_and_channel(stem: str, stems: set[str]) -> tuple[str, int]:
+    """``a_0000`` -> (a, 0); ``a_0001`` -> (a, 1) where ``a_0000`` exists, else (a_0001, 0); ``a`` -> (a, 0)."""
     match = CHANNEL_SUFFIX.search(stem)
-    return stem[:match.start()] if match and match.group(1) == "0000" else stem
+    if match and (match.group(1) == "0000" or stem[:match.start()] + "_0000" in stems):
+        return stem[:match.start()], int(match.group(1))
+    return stem, 0
 
 
 def dicom_cases(folder: Path, log: Callable[[str], None] = print) -> list[InputCase]:
@@ -85,7 +100,7 @@ def find_cases(input_path: str | os.PathLike, log: Callable[[str], None] = print
     if path.is_file():
         if _ending(path.name) is None:
             raise InputError(f"{path}: not a supported image file (endings: {', '.join(FILE_ENDINGS)})")
-        return [InputCase(_case_name(path), path)]
+        return [InputCase(_case_and_channel(_stem(path), set())[0], path)]
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _ending(p.name))
@@ -93,19 +108,50 @@ def find_cases(input_path: str | os.PathLike, log: Callable[[str], None] = print
         return dicom_cases(path, log)
     if not files:
         raise InputError(f"{path}: no images found (endings: {', '.join(FILE_ENDINGS)})")
-    stems = {p.name[:-len(_ending(p.name))] for p in files}
-    extra_channels = sorted(s for s in stems if (m := CHANNEL_SUFFIX.search(s)) and m.group(1) != "0000"
-                            and s[:m.start()] + "_0000" in stems)
-    if extra_channels:
-        raise InputError(f"{path}: {', '.join(extra_channels)} look like extra input channels of a multi-channel "
-                         "case; these models take one channel, the CT (name it <case>_0000 or <case>)")
-    cases: dict[str, Path] = {}
+    stems = {_stem(p) for p in files}
+    cases: dict[str, dict[int, Path]] = {}
     for file in files:
-        case = _case_name(file)
-        if case in cases:
-            raise InputError(f"{path}: {cases[case].name} and {file.name} are both case '{case}'")
-        cases[case] = file
-    return [InputCase(case, cases[case]) for case in sorted(cases)]
+        case, channel = _case_and_channel(_stem(file), stems)
+        channels = cases.setdefault(case, {})
+        if channel in channels:
+            raise InputError(f"{path}: {channels[channel].name} and {file.name} are both case '{case}'"
+                             + (f", channel {channel}" if channel else ""))
+        channels[channel] = file
+    found = []
+    for case, channels in sorted(cases.items()):
+        gaps = [f"{case}_{i:04d}" for i in range(max(channels)) if i not in channels]
+        if gaps:
+            raise InputError(f"{path}: case '{case}' has {', '.join(sorted(f.name for f in channels.values()))} but "
+                             f"no {', '.join(gaps)}: a case's channels are numbered _0000, _0001, ... without gaps")
+        endings = {_ending(f.name) for f in channels.values()}
+        if len(endings) > 1:
+            raise InputError(f"{path}: the channels of case '{case}' are stored as {', '.join(sorted(endings))}; "
+                             "store them in one format")
+        found.append(InputCase(case, channels[0], extra_channels=tuple(channels[i] for i in range(1, len(channels)))))
+    return found
+
+
+def check_channels(cases: Sequence[InputCase], channel_names: Sequence[str]) -> None:
+    """Every case has one image per channel the models take (``channel_names``, in order); InputError naming the
+    cases otherwise, all of them at once."""
+    wanted = len(channel_names)
+    described = ", ".join(f"_{i:04d} {name}" for i, name in enumerate(channel_names))
+    problems = []
+    for case in cases:
+        if case.series is not None and wanted > 1:
+            problems.append(f"{case.path}: a DICOM series is one CT, but these models take {wanted} CT channels "
+                            f"({described}); write each case's CTs as <case>_0000, <case>_0001, ... image files "
+                            "on one grid")
+        elif len(case.files) > wanted:
+            extra = ", ".join(f.name for f in case.files[wanted:])
+            problems.append(f"{case.path.parent}: {extra} look like extra input channels of case '{case.case}'; "
+                            f"these models take {wanted} channel{'s' if wanted > 1 else ''} ({described})")
+        elif len(case.files) < wanted:
+            missing = ", ".join(f"{case.case}_{i:04d}{case.file_ending}" for i in range(len(case.files), wanted))
+            problems.append(f"{case.path}: case '{case.case}' lacks {missing}: these models take {wanted} CT "
+                            f"channels ({described})")
+    if problems:
+        raise InputError("\n".join(problems))
 
 
 def _header(path: Path) -> sitk.ImageFileReader:
@@ -132,13 +178,20 @@ def check_header(path: Path) -> None:
 
 
 def check_inputs(cases: Sequence[InputCase]) -> None:
-    """Check every header first, so that a bad file stops the run before any work; lists every bad file."""
+    """Check every header first, so that a bad file stops the run before any work; lists every bad file. A case's
+    channels must lie on its channel 0's grid."""
     problems = []
     for case in cases:
         if case.series is not None:  # checked from its headers when found
             continue
         try:
-            check_header(case.path)
+            for file in case.files:
+                check_header(file)
+            for file in case.extra_channels:
+                mismatch = geometry_mismatch(_header(case.path), _header(file))
+                if mismatch:
+                    raise InputError(f"{file}: not on the grid of {case.path.name} (channel 0 of case "
+                                     f"'{case.case}'): {mismatch}; a case's CTs must be co-registered on one grid")
         except InputError as err:
             problems.append(str(err))
     if problems:
@@ -220,22 +273,23 @@ def permute_case(image: np.ndarray, properties: dict, order: Sequence[int]) -> t
 
 
 def read_case(case: InputCase, reader_writer_class: type) -> tuple[np.ndarray, dict]:
-    """Read with the models' reader/writer class: (1, z, y, x) float32 array and nnU-Net's properties."""
+    """Read with the models' reader/writer class: (channels, z, y, x) float32 array and nnU-Net's properties."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     if case.series is not None:
         return _read_dicom_case(case.series, reader_writer_class)
 
     if case.file_ending in (".nii", ".nii.gz"):
-        check_nifti_data(case.path)
+        for file in case.files:
+            check_nifti_data(file)
     supported = getattr(reader_writer_class, "supported_file_endings", [])
     if not issubclass(reader_writer_class, SimpleITKIO) and case.file_ending not in supported:
         raise InputError(f"{case.path}: the models read images with {reader_writer_class.__name__}, which supports "
                          f"{', '.join(supported)}")
     try:
-        return reader_writer_class().read_images([str(case.path)])
+        return reader_writer_class().read_images([str(file) for file in case.files])
     except (RuntimeError, OSError, EOFError) as err:
-        raise InputError(f"{case.path}: cannot read the image ({err})") from err
+        raise InputError(f"{', '.join(str(f) for f in case.files)}: cannot read the image ({err})") from err
 
 
 def _read_dicom_case(series: DicomSeries, reader_writer_class: type) -> tuple[np.ndarray, dict]:

@@ -69,7 +69,8 @@ def dataset_info(ensemble: EnsemblePredictor, case: InputCase) -> DatasetInfo:
 
 def case_fingerprint(run_fingerprint: dict, case: InputCase) -> dict:
     series = {"dicom_series": case.series.series_uid} if case.series is not None else {}
-    return {**run_fingerprint, "image": str(case.path.resolve()), **series}
+    channels = {"channels": [str(f.resolve()) for f in case.extra_channels]} if case.extra_channels else {}
+    return {**run_fingerprint, "image": str(case.path.resolve()), **channels, **series}
 
 
 class LogitsStream:

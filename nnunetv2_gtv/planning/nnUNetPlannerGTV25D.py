@@ -7,16 +7,18 @@ What differs from nnU-Net's default ``ExperimentPlanner`` (everything else is nn
   (no transpose), since the 2.5D network convolves in-plane only;
 - one configuration, ``3d_fullres``: patch 16 x 64 x 64, batch 16, the 2.5D network with its default
   arch_kwargs. There is no ``2d`` and no ``3d_lowres`` configuration (plans list only ``3d_fullres``);
-- intensities: nnU-Net's built-in ``CTNormalization`` clips to the window written in the plans and z-scores
-  with the mean and std written there. This planner writes the window [-200, 700] HU and, by default
-  (``intensity_statistics = "clipped_body"``), the mean and std of the training images' body voxels
-  (HU > ``body_threshold_hu``) after clipping to the window (paper section 3.1). With
-  ``intensity_statistics = "foreground"`` it keeps nnU-Net's statistics of the labelled voxels instead;
+- intensities: nnU-Net's built-in ``CTNormalization`` clips each channel to the window written in the plans and
+  z-scores it with the mean and std written there. This planner writes the window [-200, 700] HU (or the channel's
+  from dataset.json, ``planning.ct_channels``) and, by default (``intensity_statistics = "clipped_body"``), the
+  mean and std of the training images' body voxels (HU > ``body_threshold_hu``) after clipping to the window
+  (paper section 3.1), channel by channel. With ``intensity_statistics = "foreground"`` it keeps nnU-Net's
+  statistics of the labelled voxels instead;
 - images are read in one orientation whatever their storage order: for NIfTI/NRRD/MHA the plans name nnU-Net's
   ``SimpleITKIOWithReorient`` (every image reoriented to RAS when read, segmentations written back in the file's
   own orientation), so training, ``nnUNetv2_predict`` and ``gtv-predict`` see the same array for the same CT
   however it is stored, and the 2.5D network's tiles fall on the same voxels;
-- the dataset must have exactly one channel, named CT;
+- the channels must be CTs (one, or several co-registered ones such as a plain and a contrast-enhanced CT,
+  ``planning.ct_channels``); the sampling regions are found on channel 0;
 - plans are written whole (atomically), never merged with configurations of an older file of the same name.
 """
 from __future__ import annotations
@@ -33,13 +35,13 @@ from tqdm import tqdm
 
 from nnunetv2_gtv import __version__
 from nnunetv2_gtv.io.atomic import atomic_path
+from nnunetv2_gtv.planning.ct_channels import REGION_CHANNEL, ct_windows
 from nnunetv2_gtv.network.gtv_unet import plans_architecture
 from nnunetv2_gtv.planning.plans_check import GTV_PLANS_KEY, GTVPlansError
 
 TARGET_SPACING_ZYX = (3.0, 1.0, 1.0)
 PATCH_SIZE_ZYX = (16, 64, 64)
 BATCH_SIZE = 16
-CT_WINDOW_HU = (-200.0, 700.0)
 
 
 class nnUNetPlannerGTV25D(ExperimentPlanner):
@@ -59,20 +61,7 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self.lowres_creation_threshold = 0  # never plan 3d_lowres
-        self._refuse_non_ct_dataset()
-
-    def _refuse_non_ct_dataset(self) -> None:
-        channels = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
-        dataset_json = join(self.raw_dataset_folder, "dataset.json")
-        if len(channels) != 1:
-            raise GTVPlansError(
-                f"{dataset_json}: nnUNetPlannerGTV25D needs exactly one input channel (CT); this dataset has "
-                f"{len(channels)}: {channels}")
-        (name,) = channels.values()
-        if name.strip().lower() != "ct":
-            raise GTVPlansError(
-                f"{dataset_json}: channel 0 is '{name}', but nnUNetPlannerGTV25D is for CT in Hounsfield units "
-                f"(channel_names must be {{\"0\": \"CT\"}})")
+        self.ct_windows = ct_windows(self.dataset_json, join(self.raw_dataset_folder, "dataset.json"))
 
     def determine_reader_writer(self):
         """nnU-Net's reader for the dataset's files, reorienting (SimpleITKIOWithReorient) where that is
@@ -110,8 +99,8 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
             "patch_size": list(PATCH_SIZE_ZYX),
             "median_image_size_in_voxels": median_shape,
             "spacing": spacing,
-            "normalization_schemes": ["CTNormalization"],
-            "use_mask_for_norm": [False],
+            "normalization_schemes": ["CTNormalization"] * len(self.ct_windows),
+            "use_mask_for_norm": [False] * len(self.ct_windows),
             "resampling_fn_data": resampling_data.__name__,
             "resampling_fn_seg": resampling_seg.__name__,
             "resampling_fn_data_kwargs": resampling_data_kwargs,
@@ -121,47 +110,56 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
             "architecture": plans_architecture(),
         }
 
-    def _clipped_body_statistics(self) -> dict:
-        """Mean, std and median of the body voxels of all training images after clipping to the CT window."""
+    def _clipped_body_statistics(self) -> list[dict]:
+        """Per channel: mean, std and median of the body voxels of all training images (the channel's own voxels
+        above ``body_threshold_hu``) after clipping to the channel's CT window."""
         reader = self.determine_reader_writer()()
-        low, high = CT_WINDOW_HU
-        count, total, total_sq, median_sample = 0, 0.0, 0.0, []
+        sums = [{"count": 0, "total": 0.0, "total_sq": 0.0, "sample": []} for _ in self.ct_windows]
         for case in tqdm(self.dataset.values(), desc="CT window statistics"):
             image, _ = reader.read_images(case["images"])
-            values = image[0][image[0] > self.body_threshold_hu].astype(np.float64)
-            np.clip(values, low, high, out=values)
-            count += values.size
-            total += values.sum()
-            total_sq += np.square(values).sum()
-            median_sample.append(values[:: self.statistics_voxel_stride])
-        if count == 0:
-            raise GTVPlansError(f"no training image in {self.raw_dataset_folder} has voxels above "
-                                f"{self.body_threshold_hu} HU: are these CT images in Hounsfield units?")
-        mean = total / count
-        return {"mean": mean, "std": float(np.sqrt(max(total_sq / count - mean**2, 0.0))),
-                "median": float(np.median(np.concatenate(median_sample)))}
+            for channel, ((low, high), acc) in enumerate(zip(self.ct_windows, sums)):
+                values = image[channel][image[channel] > self.body_threshold_hu].astype(np.float64)
+                np.clip(values, low, high, out=values)
+                acc["count"] += values.size
+                acc["total"] += values.sum()
+                acc["total_sq"] += np.square(values).sum()
+                acc["sample"].append(values[:: self.statistics_voxel_stride])
+        statistics = []
+        for channel, acc in enumerate(sums):
+            if acc["count"] == 0:
+                raise GTVPlansError(f"no training image in {self.raw_dataset_folder} has voxels above "
+                                    f"{self.body_threshold_hu} HU in channel {channel}: are these CT images in "
+                                    "Hounsfield units?")
+            mean = acc["total"] / acc["count"]
+            statistics.append({"mean": mean, "std": float(np.sqrt(max(acc["total_sq"] / acc["count"] - mean**2, 0.0))),
+                               "median": float(np.median(np.concatenate(acc["sample"])))})
+        return statistics
 
     def plan_experiment(self) -> dict:
         if self.intensity_statistics == "clipped_body":
             statistics = self._clipped_body_statistics()
         elif self.intensity_statistics == "foreground":
-            fingerprint = self.dataset_fingerprint["foreground_intensity_properties_per_channel"]["0"]
-            statistics = {key: fingerprint[key] for key in ("mean", "std", "median")}
+            fingerprint = self.dataset_fingerprint["foreground_intensity_properties_per_channel"]
+            statistics = [{key: fingerprint[str(channel)][key] for key in ("mean", "std", "median")}
+                          for channel in range(len(self.ct_windows))]
         else:
             raise GTVPlansError(f"unknown intensity_statistics '{self.intensity_statistics}' "
                                 "(use 'clipped_body' or 'foreground')")
-        low, high = CT_WINDOW_HU
-        self._ct_intensity_properties = {**statistics, "min": low, "max": high,
-                                         "percentile_00_5": low, "percentile_99_5": high}
+        self._ct_intensity_properties = {
+            str(channel): {**channel_statistics, "min": low, "max": high, "percentile_00_5": low,
+                           "percentile_99_5": high}
+            for channel, (channel_statistics, (low, high)) in enumerate(zip(statistics, self.ct_windows))}
         return super().plan_experiment()
 
     def save_plans(self, plans: dict) -> None:
         plans["configurations"].pop("2d", None)
-        plans["foreground_intensity_properties_per_channel"] = {"0": self._ct_intensity_properties}
+        plans["foreground_intensity_properties_per_channel"] = self._ct_intensity_properties
         plans[GTV_PLANS_KEY] = {
             "planner": type(self).__name__,
             "nnunetv2_gtv_version": __version__,
-            "ct_window_hu": list(CT_WINDOW_HU),
+            "ct_window_hu": list(self.ct_windows[0]),
+            "ct_windows_hu": [list(window) for window in self.ct_windows],
+            "region_channel": REGION_CHANNEL,
             "intensity_statistics": self.intensity_statistics,
             "body_threshold_hu": self.body_threshold_hu,
             "target_spacing_zyx": list(self.target_spacing_zyx),
@@ -174,4 +172,5 @@ class nnUNetPlannerGTV25D(ExperimentPlanner):
         with atomic_path(plans_file, ".json") as temporary:
             save_json(plans, str(temporary), sort_keys=False)
         print(f"nnUNetPlannerGTV25D: plans (3d_fullres only, {self.target_spacing_zyx} mm, patch {PATCH_SIZE_ZYX}, "
-              f"CT window {CT_WINDOW_HU} HU) saved to {plans_file}")
+              f"CT window{'s' if len(self.ct_windows) > 1 else ''} "
+              f"{', '.join(str(w) for w in self.ct_windows)} HU) saved to {plans_file}")
