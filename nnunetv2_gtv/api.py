@@ -32,6 +32,7 @@ from nnunetv2_gtv.ensemble.folders import check_compatible, label_names, label_v
     open_prediction_folder
 from nnunetv2_gtv.ensemble.fusion import FusionSettings, fuse_case, output_files
 from nnunetv2_gtv.ensemble.postprocessing import POSTPROCESSING_FILE, read_postprocessing
+from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection
 from nnunetv2_gtv.ensemble.summary import fuse_and_record, load_row
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError
 from nnunetv2_gtv.evaluation.pipeline import EvaluationResult, EvaluationSettings, evaluate_folder, \
@@ -88,12 +89,13 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
             fusion: FusionSettings | None = None, dicom_reference: str | os.PathLike | None = None,
             num_processes: int = 2, resume: bool = False, num_parts: int = 1, part_id: int = 0,
             check_only: bool = False, save_model_predictions: bool = False, review_page: bool = False,
-            progress: bool = True, command: str | None = None) -> RunResult:
+            review_selection: ReviewSelection = ReviewSelection(), progress: bool = True,
+            command: str | None = None) -> RunResult:
     """Segment the CTs of ``images`` (a file, a folder of them, or a folder of DICOM series) with the ensemble of
     ``models`` (``SCALE:FOLD`` or ``TRAINER:FOLD``; default the paper's six) trained on ``dataset`` under
     ``$nnUNet_results``, fused with ``fusion`` (default: the dataset's gtv_postprocessing.json when present, else
     the default rules), into ``output``: per case the fused labels, the vote entropy, a summary row (volumes, VVC,
-    review flag); RTSTRUCT and SEG for DICOM input. ``inference`` defaults to the device's defaults (no overlap
+    review flag and rank, ``review_selection``); RTSTRUCT and SEG for DICOM input. ``inference`` defaults to the device's defaults (no overlap
     and bfloat16 where native on the CPU, step 0.5 on CUDA). The other arguments are gtv-predict's options."""
     import torch
 
@@ -148,7 +150,8 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
     if model_folders:
         print(f"{prog}: each model's own predictions: {model_folders[0].parent}")
     run = finish_run(prog, command or f"nnunetv2_gtv.api.predict({images!r}, {output!r})", output_folder,
-                     report.rows, len(loaded), fingerprint, report.done, report.failures, fusion, names)
+                     report.rows, len(loaded), fingerprint, report.done, report.failures, fusion, names,
+                     review_selection)
     if review_page:
         try:
             run.exit_code = max(run.exit_code, review(output_folder, output_folder / "review",
@@ -188,10 +191,11 @@ def _fuse_jobs(jobs: list[tuple], num_processes: int) -> list[tuple[str, dict | 
 
 def fuse(prediction_folders: Sequence[str | os.PathLike], output: str | os.PathLike,
          fusion: FusionSettings | None = None, *, allow_missing: bool = False, num_processes: int = 2,
-         resume: bool = False, num_parts: int = 1, part_id: int = 0, command: str | None = None) -> RunResult:
+         resume: bool = False, num_parts: int = 1, part_id: int = 0,
+         review_selection: ReviewSelection = ReviewSelection(), command: str | None = None) -> RunResult:
     """Fuse the probabilities that several models saved (``nnUNetv2_predict --save_probabilities`` folders, fold
     validation folders, or gtv-predict's model_predictions) into ``output``, as gtv-predict fuses: fused labels,
-    vote entropy, summary rows with volumes, VVC and review flag (gtv-uncertainty)."""
+    vote entropy, summary rows with volumes, VVC, review flag and rank (gtv-uncertainty)."""
     prog = "gtv-uncertainty"
     fusion = fusion or FusionSettings()
     fusion.model_weights(len(prediction_folders))
@@ -232,7 +236,7 @@ def fuse(prediction_folders: Sequence[str | os.PathLike], output: str | os.PathL
                 rows[case] = row
     return finish_run(prog, command or f"nnunetv2_gtv.api.fuse({list(map(str, prediction_folders))!r}, "
                                        f"{str(output)!r})", output_folder, rows, len(folders), fingerprint,
-                      finished, failures, fusion, dataset.label_names)
+                      finished, failures, fusion, dataset.label_names, review_selection)
 
 
 def evaluate(predictions: str | os.PathLike, reference: str | os.PathLike, output: str | os.PathLike | None = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 from nnunetv2_gtv.ensemble.fusion import FusionSettings
+from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection, rank_rows
 from nnunetv2_gtv.ensemble.summary import load_row, package_versions, write_summaries
 from nnunetv2_gtv.io.atomic import check_writable, remove_stale_temporaries, write_text
 from nnunetv2_gtv.io.folders import OutputFolderError
@@ -154,14 +155,19 @@ def components_removed_text(rows: Sequence[dict], settings: FusionSettings, name
 
 def finish_run(prog: str, command: str, output_folder: Path, rows: Mapping[str, dict], num_models: int,
                fingerprint: dict, done: Sequence[str], failures: Sequence[str], settings: FusionSettings,
-               label_names: Sequence[str]) -> RunResult:
-    """Write summary.json / summary.csv, say where everything went and what the component rules removed per label,
-    list failures."""
-    header = {"command": command, "versions": package_versions(), "label_names": list(label_names), **fingerprint}
-    row_list = list(rows.values())
+               label_names: Sequence[str], review: ReviewSelection = ReviewSelection()) -> RunResult:
+    """Rank the cases for review, write summary.json / summary.csv, say where everything went and what the
+    component rules removed per label, list failures."""
+    header = {"command": command, "versions": package_versions(), "label_names": list(label_names), **fingerprint,
+              "review": review.record()}
+    row_list = rank_rows(list(rows.values()), review)
     json_file, csv_file = write_summaries(output_folder, row_list, num_models, header)
     print(f"{prog}: wrote {len(done)} cases' segmentations and uncertainty maps to {output_folder}; "
           f"summary: {json_file.name}, {csv_file.name} ({len(row_list)} cases)")
+    if review.budget is not None:
+        flagged = sum(1 for row in row_list if row["review"])
+        print(f"{prog}: review: {flagged} of {len(row_list)} cases flagged, the riskiest by {review.score} "
+              f"(review_rank in {csv_file.name})")
     print(f"{prog}: {components_removed_text(row_list, settings, label_names)}")
     code = list_failures(prog, "failed", failures)
     return RunResult(output_folder, list(done), list(failures), sorted(row_list, key=lambda r: r["case"]), code)

@@ -30,8 +30,8 @@ from nnunetv2_gtv.inference.settings import InferenceSettings, parse_tile, tile_
 FAST = ["-device", "cpu", "-precision", "float32", "--disable_tta", "-step_size", "1", "--disable_progress_bar"]
 SMOKE = ["-d", str(DATASET_ID), "-tr_suffix", "_smoke"]
 CSV_COLUMNS_3 = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in (1, 2, 3)]
-                 + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models", "pairwise_dice_mean",
-                    "pairwise_dice_min", "agreement", "entropy_in_fused", "soft_dice"])
+                 + ["volume_ml_fused", "vvc", "components_removed", "review", "review_rank", "missing_models",
+                    "pairwise_dice_mean", "pairwise_dice_min", "agreement", "entropy_in_fused", "soft_dice"])
 
 
 def run(args: list[str]) -> tuple[int, str, str]:

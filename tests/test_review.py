@@ -21,6 +21,7 @@ from scipy import ndimage
 from nnunetv2_gtv.cli.review import main
 from nnunetv2_gtv.demo.ensemble_outputs import write_ensemble_outputs
 from nnunetv2_gtv.demo.synthetic import write_dataset
+from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection, rank_rows
 from nnunetv2_gtv.figures.review import PAGE_NAME, REVIEW_MARGIN_MM, SOFT_TISSUE_WINDOW, case_view, level_counts, \
     mosaic
 from nnunetv2_gtv.figures.slices import window_to_uint8
@@ -171,6 +172,7 @@ def add_a_node(fused: Path, case: str) -> np.ndarray:
     for row in summary["cases"]:
         row.update(vvc_GTVp=row["vvc"], vvc_GTVnd=0.9 if row["case"] == case else 0.0,
                    review_GTVnd=row["case"] == case, volume_ml_fused_GTVp=1.0, volume_ml_fused_GTVnd=0.5)
+    summary["cases"] = rank_rows(summary["cases"], ReviewSelection())  # as the fusion ranks a two-label run
     (fused / "summary.json").write_text(json.dumps(summary))
     return labels
 

@@ -25,6 +25,8 @@ import SimpleITK as sitk
 from conftest import kill_while_writing
 from nnunetv2_gtv.cli.uncertainty import main
 from nnunetv2_gtv.ensemble import DatasetInfo, FusionInputError, FusionSettings, fuse_case, open_prediction_folder
+from nnunetv2_gtv.ensemble.agreement import SCORE_NAMES
+from nnunetv2_gtv.ensemble.review_ranking import RISK_DIRECTION, ReviewSelection, rank_rows
 from nnunetv2_gtv.io.images import write_image
 
 SHAPE = (9, 20, 24)  # z, y, x
@@ -37,8 +39,8 @@ PLANS = {"dataset_name": "Dataset991_Test", "plans_name": "nnUNetPlans", "image_
 DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "GTV": 1}, "numTraining": 2,
            "file_ending": ".nii.gz"}
 COLUMNS_6 = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, 7)]
-             + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models", "pairwise_dice_mean",
-                "pairwise_dice_min", "agreement", "entropy_in_fused", "soft_dice"])
+             + ["volume_ml_fused", "vvc", "components_removed", "review", "review_rank", "missing_models",
+                "pairwise_dice_mean", "pairwise_dice_min", "agreement", "entropy_in_fused", "soft_dice"])
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +221,8 @@ def test_volumes_vvc_review_and_summary_contract(tmp_path, properties, voxel_ml)
     assert row["review"] == "true"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"command", "versions", "label_names", "inputs", "weights", "settings", "cases"}
+    assert set(summary) == {"command", "versions", "label_names", "inputs", "weights", "settings", "review",
+                            "cases"}
     assert summary["label_names"] == ["background", "GTV"]
     assert summary["command"].startswith("gtv-uncertainty -i ")
     assert set(summary["versions"]) == {"nnunetv2_gtv", "nnunetv2", "torch", "numpy", "SimpleITK"}
@@ -588,3 +591,51 @@ def test_python_api_fuses_as_the_command_and_returns_the_run(tmp_path, propertie
     with pytest.raises(FusionInputError, match="missing"):
         api.fuse([*folders, str(tmp_path / "missing")], tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_review_rank_orders_cases_by_the_chosen_score_and_a_budget_flags_exactly_its_share():
+    rows = [{"case": "a", "vvc": 0.05, "agreement": 0.9}, {"case": "b", "vvc": 0.40, "agreement": 0.3},
+            {"case": "c", "vvc": None, "agreement": None}, {"case": "d", "vvc": 0.20, "agreement": 0.6},
+            {"case": "e", "vvc": 0.20, "agreement": 0.95}]
+    by_vvc = {r["case"]: r["review_rank"] for r in rank_rows(rows, ReviewSelection("vvc"))}
+    assert by_vvc == {"c": 1, "b": 2, "d": 3, "e": 4, "a": 5}  # undefined first, then higher VVC; ties by name
+    budget = rank_rows(rows, ReviewSelection("agreement", budget=0.5))  # lower agreement is riskier
+    assert {r["case"]: (r["review_rank"], r["review"]) for r in budget} == {
+        "c": (1, True), "b": (2, True), "d": (3, True), "a": (4, False), "e": (5, False)}  # ceil(0.5 x 5) = 3
+    two_labels = [{"case": "p", "vvc": 0.1, "vvc_GTVp": 0.1, "vvc_GTVnd": 0.9, "volume_ml_fused_GTVp": 1.0,
+                   "volume_ml_fused_GTVnd": 1.0},
+                  {"case": "q", "vvc": 0.3, "vvc_GTVp": 0.3, "vvc_GTVnd": 0.0, "volume_ml_fused_GTVp": 1.0,
+                   "volume_ml_fused_GTVnd": 0.0}]
+    assert [r["case"] for r in sorted(rank_rows(two_labels, ReviewSelection()), key=lambda r: r["review_rank"])] \
+        == ["p", "q"]  # the node's VVC 0.9 makes p the riskier case
+    assert set(RISK_DIRECTION) == {"vvc", *SCORE_NAMES}
+    for bad in ({"score": "dice"}, {"budget": 0.0}, {"budget": 1.5}):
+        with pytest.raises(ValueError):
+            ReviewSelection(**bad)
+
+
+def test_review_budget_through_the_command(tmp_path, properties, capsys):
+    """Three cases whose models disagree more and more: the budget flags the most disagreeing one, by the score
+    asked for, whatever the VVC threshold says."""
+    base, shifted = np.zeros(SHAPE), np.zeros(SHAPE)
+    base[:, 4:16, 2:14], shifted[:, 4:16, 10:22] = 1, 1
+    shifted_models = (0, 1, 3)  # case_k: that many of the six models mark the shifted box
+    per_model = [{f"case_{k}": binary(0.25 + 0.5 * (shifted if m < shifted_models[k] else base)) for k in range(3)}
+                 for m in range(6)]
+    folders = write_models(tmp_path, per_model, properties)
+    out = tmp_path / "out"
+    assert main(["-i", *folders, "-o", str(out), "-np", "1", "--review-score", "pairwise_dice_mean",
+                 "--review-budget", "0.34", "--vvc-threshold", "100"]) == 0
+    assert "review: 2 of 3 cases flagged, the riskiest by pairwise_dice_mean" in capsys.readouterr().out
+    rows = {r["case"]: r for r in read_csv(out / "summary.csv")}
+    ranked = sorted(rows.values(), key=lambda r: float(r["pairwise_dice_mean"]))
+    assert [r["case"] for r in ranked] == ["case_2", "case_1", "case_0"]
+    assert [r["review_rank"] for r in ranked] == ["1", "2", "3"]
+    assert [r["review"] for r in ranked] == ["true", "true", "false"]  # ceil(0.34 x 3) = 2
+    header = json.loads((out / "summary.json").read_text())["review"]
+    assert header["score"] == "pairwise_dice_mean" and header["budget"] == 0.34 and "lower is riskier" in \
+        header["meaning"]
+    with pytest.raises(SystemExit) as usage:
+        main(["-i", *folders, "-o", str(tmp_path / "bad"), "--review-budget", "2"])
+    assert usage.value.code == 2 and "review budget is a share of the cases in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

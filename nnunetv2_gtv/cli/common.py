@@ -8,6 +8,7 @@ import sys
 
 from nnunetv2_gtv.ensemble.fusion import AUTO_COMPONENTS, OUTSIDE_REGION_RULES, FusionSettings
 from nnunetv2_gtv.ensemble.postprocessing import read_postprocessing
+from nnunetv2_gtv.ensemble.review_ranking import RISK_DIRECTION, ReviewSelection
 from nnunetv2_gtv.inference.models import DEFAULT_CHECKPOINT
 from nnunetv2_gtv.inference.settings import PRECISIONS, InferenceSettings, default_step_size, parse_tile, \
     use_cpu_bfloat16
@@ -49,6 +50,12 @@ def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--vvc-threshold", type=float, default=FusionSettings.vvc_threshold, metavar="VVC",
                         help="review=true when VVC exceeds this (default %(default)s; the paper's Fig. 12 spans "
                              "0.06-0.16; with several labels: any label's own VVC), or when every model found nothing")
+    parser.add_argument("--review-score", choices=list(RISK_DIRECTION), default=ReviewSelection.score,
+                        help="the per-case score that ranks the cases for review (review_rank in the summary, the "
+                             "review page's order; default %(default)s); docs/uncertainty.md")
+    parser.add_argument("--review-budget", type=float, metavar="FRACTION",
+                        help="flag the riskiest share of the run instead of VVC > threshold: review=true for the "
+                             "ceil(FRACTION x cases) cases ranked first by --review-score (e.g. 0.25)")
 
 
 def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os.PathLike | None = None
@@ -77,6 +84,11 @@ def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os
         save_probability=args.save_probability,
         vvc_threshold=args.vvc_threshold,
     )
+
+
+def review_selection_from_args(args: argparse.Namespace) -> ReviewSelection:
+    """The review ranking of the command line; ValueError on an unusable budget."""
+    return ReviewSelection(args.review_score, args.review_budget)
 
 
 def add_resume_and_part_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from nnunetv2_gtv.api import USER_ERRORS, postprocessing_file, predict  # noqa: E402
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_inference_arguments, add_model_arguments, \
     add_resume_and_part_arguments, check_run_arguments, fail, fusion_settings_from_args, \
-    inference_settings_from_args  # noqa: E402
+    inference_settings_from_args, review_selection_from_args  # noqa: E402
 from nnunetv2_gtv.ensemble.postprocessing import POSTPROCESSING_FILE  # noqa: E402
 from nnunetv2_gtv.runs import command_line  # noqa: E402
 
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", required=True, metavar="CT",
                         help="a CT file or a folder of them (.nii.gz, .nii, .nrrd, .mha; <case>_0000 or <case>), or a "
                              "folder of DICOM files: each CT series under it is a case (<PatientID>_<SeriesNumber>), "
-                             "with <case>_RTSTRUCT.dcm and <case>_SEG.dcm beside the NIfTI outputs")
+                             "with <case>_RTSTRUCT.dcm and <case>_SEG.dcm beside the NIfTI outputs. Models trained on "
+                             "several CT channels take a folder with <case>_0000, <case>_0001, ... per case")
     parser.add_argument("-o", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--dicom-reference", metavar="SERIES_DIR",
                         help="for one CT file converted from a DICOM CT series: that series' folder; also writes "
@@ -83,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       tiles_per_batch=args.tiles_per_batch, fusion=fusion, dicom_reference=args.dicom_reference,
                       num_processes=args.np, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id,
                       check_only=args.check, save_model_predictions=args.save_model_predictions,
-                      review_page=args.review, progress=not args.disable_progress_bar,
+                      review_page=args.review, review_selection=review_selection_from_args(args),
+                      progress=not args.disable_progress_bar,
                       command=command_line(PROG, argv))
     except USER_ERRORS as err:
         return fail(PROG, str(err))

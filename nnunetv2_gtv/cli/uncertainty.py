@@ -17,7 +17,7 @@ from typing import Sequence
 
 from nnunetv2_gtv.api import USER_ERRORS, fuse
 from nnunetv2_gtv.cli.common import add_fusion_arguments, add_resume_and_part_arguments, check_run_arguments, \
-    fail, fusion_settings_from_args
+    fail, fusion_settings_from_args, review_selection_from_args
 from nnunetv2_gtv.runs import command_line
 
 PROG = "gtv-uncertainty"
@@ -51,12 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = fusion_settings_from_args(args)
         settings.model_weights(len(args.i))
+        review_selection = review_selection_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     try:
         run = fuse(args.i, args.o, settings, allow_missing=args.allow_missing, num_processes=args.np,
                    resume=args.resume, num_parts=args.num_parts, part_id=args.part_id,
-                   command=command_line(PROG, argv))
+                   review_selection=review_selection, command=command_line(PROG, argv))
     except USER_ERRORS as err:
         return fail(PROG, str(err))
     return run.exit_code

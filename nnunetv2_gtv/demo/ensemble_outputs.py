@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnunetv2_gtv.ensemble.fusion import CaseResult, FusionSettings, filter_components, volume_variation_coefficient
+from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection, rank_rows
 from nnunetv2_gtv.ensemble.summary import case_row, write_summaries
 
 ENDING = ".nii.gz"
@@ -83,5 +84,5 @@ def write_ensemble_outputs(labels_dir: str | os.PathLike, output_folder: str | o
     rows = [simulate_case(path, output_folder, num_models, rng) for path in sorted(Path(labels_dir).glob(f"*{ENDING}"))]
     header = {"command": f"simulated ensemble of {num_models} models (nnunetv2_gtv.demo.ensemble_outputs)",
               "settings": {"vvc_threshold": FusionSettings().vvc_threshold}}
-    write_summaries(output_folder, rows, num_models, header)
+    write_summaries(output_folder, rank_rows(rows, ReviewSelection()), num_models, header)
     return output_folder

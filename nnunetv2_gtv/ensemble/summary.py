@@ -30,7 +30,8 @@ def csv_columns(num_models: int, label_names: Sequence[str] = ()) -> list[str]:
     """The summary's columns: the case-level ones (every foreground label pooled), then, with more than one
     foreground label (``label_names``), each label's own (``<column>_<label name>``)."""
     columns = (["case", "n_models"] + [f"volume_ml_model_{i}" for i in range(1, num_models + 1)]
-               + ["volume_ml_fused", "vvc", "components_removed", "review", "missing_models", *SCORE_NAMES])
+               + ["volume_ml_fused", "vvc", "components_removed", "review", "review_rank", "missing_models",
+                  *SCORE_NAMES])
     for name in label_names:
         columns += ([f"volume_ml_model_{i}_{name}" for i in range(1, num_models + 1)]
                     + [f"volume_ml_fused_{name}", f"vvc_{name}", f"vvc_models_{name}", f"components_removed_{name}",
@@ -140,7 +141,8 @@ def fuse_and_record(case: str, fuse: Callable[[], CaseResult], output_folder: st
 
 def write_summaries(output_folder: str | os.PathLike, rows: Sequence[dict], num_models: int,
                     header: dict) -> tuple[Path, Path]:
-    """Write summary.json (``header`` + ``cases``) and summary.csv, sorted by case."""
+    """Write summary.json (``header`` + ``cases``) and summary.csv, sorted by case; ``rows`` are ranked
+    (``review_ranking.rank_rows``)."""
     rows = sorted(rows, key=lambda r: r["case"])
     folder = Path(output_folder)
     json_file = write_text(json.dumps({**header, "cases": rows}, indent=2, allow_nan=False) + "\n",

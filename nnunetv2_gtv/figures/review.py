@@ -62,8 +62,11 @@ class CaseReview:
 
     @property
     def priority(self) -> tuple:
-        """Sort key: flagged first, then the highest VVC of the case and its labels descending (cases without VVC
-        last), then name."""
+        """Sort key: flagged first, then the run's review rank (``review_rank``, by the run's review score);
+        summaries written before ranking existed: the highest VVC of the case and its labels descending (cases
+        without VVC last); then name."""
+        if isinstance(self.row.get("review_rank"), int):
+            return (not self.row.get("review"), False, float(self.row["review_rank"]), self.case)
         values = [v for key, v in self.row.items() if (key == "vvc" or key.startswith("vvc_"))
                   and not key.startswith("vvc_models") and isinstance(v, (int, float)) and not isinstance(v, bool)]
         vvc = max(values) if values else None
@@ -252,6 +255,7 @@ def page_html(reviews: list[CaseReview], header: dict, title: str) -> str:
         "title": title,
         "command": header.get("command"),
         "vvc_threshold": (header.get("settings") or {}).get("vvc_threshold"),
+        "review": header.get("review"),
         "window_hu": SOFT_TISSUE_WINDOW,
         "margin_mm": REVIEW_MARGIN_MM,
         "entropy_alpha": ENTROPY_ALPHA,

@@ -37,7 +37,8 @@ function labelColumns() {
 function buildTable() {
   const nModels = Math.max(0, ...DATA.cases.map((c) => modelVolumes(c.row).length));
   const perLabel = labelColumns();
-  const head = ["#", "case", "review", "VVC", "fused (ml)"];
+  const score = DATA.review && DATA.review.score !== "vvc" ? DATA.review.score : null;
+  const head = ["#", "case", "review", ...(score ? [score] : []), "VVC", "fused (ml)"];
   for (const l of perLabel) head.push(`VVC ${l.name}`, `${l.name} (ml)`);
   for (let m = 1; m <= nModels; m++) head.push(`model ${m} (ml)`);
   head.push("components removed", "thumbnail", "status");
@@ -53,6 +54,7 @@ function buildTable() {
     cell(tr, String(i + 1));
     cell(tr, entry.case, "name");
     cell(tr, row.review ? "flagged" : "", "flag");
+    if (score) cell(tr, fmt(row[score], 3));
     cell(tr, fmt(row.vvc, 3));
     cell(tr, fmt(row.volume_ml_fused, 2));
     for (const l of perLabel) {
@@ -80,8 +82,12 @@ function buildTable() {
   const broken = DATA.cases.filter((c) => c.error).length;
   $("about").textContent = `${DATA.cases.length} cases, ${flagged} flagged for review` +
     (broken ? `, ${broken} cannot be shown (marked)` : "") +
-    `. Sorted by review priority: flagged first, then the highest VVC (of the case or a label) descending` +
-    (DATA.vvc_threshold !== null && DATA.vvc_threshold !== undefined ? ` (flag: VVC > ${DATA.vvc_threshold})` : "") +
+    (DATA.review
+      ? `. Sorted by review priority: flagged first, then by ${DATA.review.score}, ${DATA.review.meaning}` +
+        (DATA.review.budget !== null ? ` (flag: the riskiest ${DATA.review.budget} of the cases by it)`
+          : ` (flag: VVC > ${DATA.vvc_threshold})`)
+      : `. Sorted by review priority: flagged first, then the highest VVC (of the case or a label) descending` +
+        (DATA.vvc_threshold !== null && DATA.vvc_threshold !== undefined ? ` (flag: VVC > ${DATA.vvc_threshold})` : "")) +
     `. CT window ${DATA.window_hu[0]} to ${DATA.window_hu[1]} HU; each case shows the fused GTV plus ` +
     `${DATA.margin_mm} mm. Click a row to view it.` + (DATA.command ? ` Made by: ${DATA.command}` : "");
   $("flagged-only").addEventListener("change", (event) => {
