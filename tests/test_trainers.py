@@ -67,6 +67,7 @@ def test_end_of_training_validation_batches_tiles_at_the_recipes_step():
     from nnunetv2_gtv.inference.sliding_window import BatchedTilePredictor, batched_tiles_in_nnunet_validation
     from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DLocal_cpu
     from nnunetv2_gtv.training.nnUNetTrainerGTV25D import nnUNetTrainerGTV25DLocal
+    from nnunetv2_gtv.training.short_runs import nnUNetTrainerGTV25DLocal_smoke
 
     module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
     original = module.nnUNetPredictor
@@ -78,7 +79,8 @@ def test_end_of_training_validation_batches_tiles_at_the_recipes_step():
     assert predictor.tile_step_size == 1.0 and predictor.tiles_per_batch == 3 and predictor.use_mirroring
     assert module.nnUNetPredictor is original
     assert nnUNetTrainerGTV25DLocal.validation_step_size == 0.5  # nnU-Net's
-    assert nnUNetTrainerGTV25DLocal_cpu.validation_step_size == 1.0
+    assert nnUNetTrainerGTV25DLocal_cpu.validation_step_size == nnUNetTrainerGTV25DLocal_smoke.validation_step_size \
+        == 1.0
 
 
 class _RecordingLoader:

@@ -21,10 +21,12 @@ class FiveEpochsRecipe:
 
 
 class SmokeRecipe(nnUNetTrainerNoMirroring):
-    """CPU smoke runs and demos: 2 epochs of 5 iterations at batch 2, 1 validation iteration per epoch, and no
-    mirroring (neither as augmentation nor as test-time augmentation, which would cost 8 forward passes per tile)."""
+    """CPU smoke runs and demos: 2 epochs of 5 iterations at batch 2, 1 validation iteration per epoch, no
+    mirroring (neither as augmentation nor as test-time augmentation, which would cost 8 forward passes per tile),
+    and the end-of-training validation's window sliding at step 1 (no overlap, as the ``_cpu`` recipe's)."""
 
     smoke_batch_size = 2
+    validation_step_size = 1.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
