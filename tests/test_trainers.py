@@ -167,11 +167,11 @@ def _middle_cpu_real_ct_trainer(gtv_dataset):
 def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset, monkeypatch):
     """The demo's recipe: the same seed gives the same initial network and the same augmented batches from nnU-Net's
     worker process, another seed others; nnU-Net's Dice + CE, poly decay from 1e-3, a third of each batch on
-    foreground, 300 iterations."""
+    foreground, 300 iterations (Global 600)."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DLocal_cpu
+    from nnunetv2_gtv.training.cpu_recipes import nnUNetTrainerGTV25DGlobal_cpu, nnUNetTrainerGTV25DLocal_cpu
 
     for name, path in gtv_dataset["dirs"].items():
         monkeypatch.setenv(name, path)
@@ -195,6 +195,8 @@ def test_cpu_recipe_is_seeded_and_trains_with_dice_ce_and_poly_decay(gtv_dataset
     assert isinstance(first.loss, DC_and_CE_loss) and isinstance(first.lr_scheduler, PolyLRScheduler)
     assert first.optimizer.defaults["lr"] == 1e-3 and first.oversample_foreground_percent == 0.33
     assert first.batch_size == 4 and first.num_epochs * first.num_iterations_per_epoch == 300
+    global_model = nnUNetTrainerGTV25DGlobal_cpu(dict(plans), "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    assert global_model.num_epochs * global_model.num_iterations_per_epoch == 600  # the demo-recipe study's choice
     batches = []
     for trainer in (first, again, other):  # one augmentation worker: batches arrive in the order drawn
         train, validation = trainer.get_dataloaders()
