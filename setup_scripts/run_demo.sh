@@ -30,7 +30,7 @@ step "2/6 nnUNetv2_plan_and_preprocess with nnUNetPlannerGTV25D"
 nnUNetv2_plan_and_preprocess -d $DATASET_ID -pl nnUNetPlannerGTV25D -c 3d_fullres -np 2 --verify_dataset_integrity
 
 for SCALE in Local Middle Global; do
-  step "3/6 nnUNetv2_train: nnUNetTrainerGTV25D${SCALE}_cpu, fold 0 (the CPU recipe: 300 iterations at batch 4)"
+  step "3/6 nnUNetv2_train: nnUNetTrainerGTV25D${SCALE}_cpu, fold 0 (the CPU recipe: batch 4, 300 iterations; Global 600)"
   nnUNetv2_train $DATASET_ID 3d_fullres 0 -tr "nnUNetTrainerGTV25D${SCALE}_cpu" -device cpu
 done
 
