@@ -3,7 +3,7 @@
 # nnU-Net's own commands to plan, preprocess and train the three sampling trainers (the `_cpu` recipe, a few
 # minutes each), our gtv-predict to segment the held-out test CTs with the three models fused, gtv-evaluate
 # against their labels, and the two-step path (nnUNetv2_predict per model, then gtv-uncertainty).
-# Takes about 20-25 minutes on 2 quiet CPU cores, environment set-up included.
+# Takes about 25 minutes on 2 quiet CPU cores, environment set-up included.
 # GTV_WORK chooses the working folder (default: gtv_work in the repository root). GTV_NODES=1 runs the same steps on
 # two labels, the primary (GTVp) and 1-4 lymph nodes (GTVnd) per case, as SegRap2023 labels them (dataset 991).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
