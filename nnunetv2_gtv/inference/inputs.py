@@ -187,8 +187,9 @@ def check_inputs(cases: Sequence[InputCase]) -> None:
         try:
             for file in case.files:
                 check_header(file)
+            reference = _header(case.path) if case.extra_channels else None
             for file in case.extra_channels:
-                mismatch = geometry_mismatch(_header(case.path), _header(file))
+                mismatch = geometry_mismatch(reference, _header(file))
                 if mismatch:
                     raise InputError(f"{file}: not on the grid of {case.path.name} (channel 0 of case "
                                      f"'{case.case}'): {mismatch}; a case's CTs must be co-registered on one grid")
