@@ -365,8 +365,15 @@ def test_cli_end_to_end_values_match_independent_computation(fused_folder, capsy
     assert vvc["spearman_rho"] == pytest.approx(1.0)
     assert vvc["pearson_r"] == pytest.approx(np.corrcoef(one_minus_dice, list(VVC.values()))[0, 1], abs=1e-5)
 
+    review = doc["review_scores"]  # VVC ranks case_c (Dice 0) first: the worst ceil(3/4) = 1 case, caught
+    assert set(review["scores"]) == {"vvc", "volume_ml_fused"} and review["best"] == "vvc"
+    assert review["scores"]["vvc"]["spearman_rho"] == pytest.approx(1.0)
+    assert (review["scores"]["vvc"]["auroc"], review["scores"]["vvc"]["caught"]) == (1.0, 1)
+    assert review["scores"]["volume_ml_fused"]["spearman_rho"] is None  # the same fused volume everywhere
+
     report = (out / "report.md").read_text()
     assert "| fused | 3 |" in report and "| case_b | 0.8889 |" in report
+    assert "| vvc | 3 | 1.00 [" in report and "Highest AUROC: vvc." in report
     for png in ("error_rate_per_level.png", "vvc_vs_1_minus_dice.png", "dice_per_case.png"):
         assert f"]({png})" in report
     with open(out / "error_rates.csv", newline="") as handle:

@@ -72,6 +72,7 @@ class EvaluationResult:
     labels: dict[int, str] = field(default_factory=dict)  # evaluated label -> name
     vvc: dict[int, dict[str, float]] = field(default_factory=dict)  # label -> case -> that label's VVC
     case_vvc: dict[str, float] = field(default_factory=dict)
+    summary_rows: list[dict] = field(default_factory=list)  # the fusion's summary.csv rows of the evaluated cases
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     overlays: dict[str, Overlay] = field(default_factory=dict)
@@ -257,6 +258,8 @@ def evaluate_folder(fused_dir: Path, labels_dir: Path, settings: EvaluationSetti
                                                   reference.spacing_zyx, reference.direction, result.labels)
         if summary_rows is not None:
             row = summary_rows.get(case, {})
+            if row:
+                result.summary_rows.append(row)
             result.case_vvc[case] = parse_float(row.get("vvc"))
             for label, column in vvc_columns.items():
                 result.vvc.setdefault(label, {})[case] = parse_float(row.get(column))

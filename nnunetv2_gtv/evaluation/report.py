@@ -24,6 +24,7 @@ from nnunetv2_gtv.figures import overlay
 from nnunetv2_gtv.io.atomic import write_csv, write_json, write_text
 from nnunetv2_gtv.evaluation.metrics import METRIC_NAMES, summarise
 from nnunetv2_gtv.evaluation.pipeline import FUSED, EvaluationResult, EvaluationSettings
+from nnunetv2_gtv.evaluation.review_scores import REVIEW_SHARE, SIZE_BASELINE, best_score, validate_scores
 from nnunetv2_gtv.evaluation.uncertainty_analysis import correlation, error_rate_table
 
 METRICS_CSV = "metrics.csv"
@@ -162,10 +163,34 @@ def build_summary(result: EvaluationResult, command: str) -> dict:
         "vvc_vs_1_minus_dice_per_label": {name: _vvc_analysis(result.vvc.get(label, {}), label_dice[label],
                                                               result.cases)
                                           for label, name in result.labels.items()},
+        "review_scores": _review_scores(result.summary_rows, fused_dice),
         "overlays": {case: overlay_png(case) for case in result.overlays},
         "skipped_cases": result.skipped,
         "notes": notes,
     }
+
+
+def _review_scores(rows: list[dict], fused_dice: dict[str, float]) -> dict:
+    """Every review score of the summary rows against the fused Dice (nnunetv2_gtv.evaluation.review_scores)."""
+    scores = validate_scores(rows, fused_dice) if rows else {}
+    return {"review_share": REVIEW_SHARE, "scores": scores, "best": best_score(scores)}
+
+
+def _review_scores_lines(review: dict) -> list[str]:
+    if not review["scores"]:
+        return ["No summary.csv with scores: no table."]
+    share = review["review_share"]
+    rows = [[f"{score}{' (size only)' if score == SIZE_BASELINE else ''}", str(v["n"]),
+             f"{_fmt(v['spearman_rho'], 2)} [{_fmt(v['rho_interval'][0], 2)}, {_fmt(v['rho_interval'][1], 2)}]",
+             f"{_fmt(v['auroc'], 2)} [{_fmt(v['auroc_interval'][0], 2)}, {_fmt(v['auroc_interval'][1], 2)}]",
+             f"{v['caught']} of {v['worst']}"] for score, v in review["scores"].items()]
+    return [f"Each score's risk (higher = check first) against 1 - the case's fused Dice; the worst cases are the "
+            f"{share * 100:g} % with the lowest Dice; caught = how many of them the {share * 100:g} % riskiest "
+            "cases hold. "
+            "Bootstrap 95 % intervals in brackets. Ranking the cases of this folder: use it to choose "
+            "`--review-score` on validation cases, never on the cases you report.", "",
+            *markdown_table(["Score", "Cases", "Spearman rho", f"AUROC, worst {share * 100:g} %", "Caught"], rows), "",
+            f"Highest AUROC: {review['best'] or '–'}.", ""]
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -270,6 +295,8 @@ def markdown(doc: dict) -> str:
                       f"![VVC against 1 - Dice, {name}]({quote(vvc_png(name))})", ""]
     else:
         lines += [_correlation_sentence(doc["vvc_vs_1_minus_dice"]), "", f"![VVC against 1 - Dice]({VVC_PNG})", ""]
+
+    lines += ["## Review scores against 1 - Dice (fused)", "", *_review_scores_lines(doc["review_scores"])]
 
     if doc["overlays"]:
         lines += ["## Cases", "", OVERLAY_CAPTION, ""]
