@@ -85,6 +85,29 @@ def configure_environment(work: Path) -> dict[str, Path]:
     return dirs
 
 
+def work_folders(work: Path) -> dict[str, Path]:
+    """:func:`configure_environment` for a benchmark's working folder, plus ``work`` and ``logs``; nnU-Net's pools
+    sized to this machine."""
+    work = work.resolve()
+    dirs = configure_environment(work)
+    os.environ.setdefault("nnUNet_def_n_proc", "2")
+    return dirs | {"work": work, "logs": work / "logs"}
+
+
+def run_stages(path: Path, stages: dict[str, Callable[[dict], None]], chosen: list[str],
+               log: Callable[[str], None]) -> dict:
+    """The ``chosen`` of ``stages`` (name -> function of the record) in their order; the record (``path``, a JSON kept
+    across reruns, with the machine of the latest run) is saved after each."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record["machine"] = machine_line()
+    for name, stage in stages.items():
+        if name in chosen:
+            log(f"stage {name}: {machine_line()}")
+            stage(record)
+            path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
+
+
 def nnunet_command(name: str) -> str:
     """A console script of this environment (nnU-Net's or ours)."""
     return str(Path(sys.executable).parent / name)

@@ -164,20 +164,21 @@ def our_specs(folds: Sequence[int]) -> list[str]:
     return [f"{scale}:{fold}" for scale in SCALES for fold in folds]
 
 
-def validation_cases(dirs: dict, fold: int = FOLD) -> list[str]:
-    splits = json.loads((dirs["nnUNet_preprocessed"] / DATASET / "splits_final.json").read_text())
+def validation_cases(dirs: dict, fold: int = FOLD, dataset: str = DATASET) -> list[str]:
+    splits = json.loads((dirs["nnUNet_preprocessed"] / dataset / "splits_final.json").read_text())
     return sorted(splits[fold]["val"])
 
 
-def validation_images(dirs: dict, fold: int = FOLD) -> Path:
+def validation_images(dirs: dict, fold: int = FOLD, dataset: str = DATASET) -> Path:
     """A folder of links to a fold's validation CTs (inputs for gtv-predict); labels stay in labelsTr."""
-    folder = dirs["work"] / f"fold{fold}_validation_images"
+    folder = dirs["work"] / (f"fold{fold}_validation_images" if dataset == DATASET
+                             else f"{dataset}_fold{fold}_validation_images")
     if not folder.is_dir():
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for case in validation_cases(dirs, fold):
-            (staging / f"{case}_0000.nii.gz").symlink_to(dirs["nnUNet_raw"] / DATASET / "imagesTr" /
+        for case in validation_cases(dirs, fold, dataset):
+            (staging / f"{case}_0000.nii.gz").symlink_to(dirs["nnUNet_raw"] / dataset / "imagesTr" /
                                                           f"{case}_0000.nii.gz")
         staging.rename(folder)
     return folder
@@ -629,13 +630,14 @@ def population_prior_test(dirs: dict, output: Path) -> None:
     log(f"population prior on the {len(seconds)} test CTs written to {output}")
 
 
-def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = ()) -> bool:
-    """The final models ``specs`` fused by gtv-predict (with the options ``fusion``; inference as INFERENCE),
-    each model's output kept; False when an earlier run's output is there already."""
+def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = (),
+                     dataset: str = DATASET) -> bool:
+    """The final models ``specs`` of ``dataset`` fused by gtv-predict (with the options ``fusion``; inference as
+    INFERENCE), each model's output kept; False when an earlier run's output is there already."""
     if (output / "summary.json").is_file():
         return False
     shutil.rmtree(output, ignore_errors=True)
-    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", DATASET, "-m", *specs,
+    run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", dataset, "-m", *specs,
          "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS, "-device", "cpu", "--save-model-predictions",
          "--disable_progress_bar", *INFERENCE, *fusion], output.parent / f"{output.name}.log")
     return True
