@@ -14,6 +14,9 @@ validation CTs by that fold's three models, the 16 test CTs by all six.
    on the 24 validation CTs, where the score is chosen (highest AUROC), then on the 16 test CTs and all 40.
 3. ``fusion``: the two outside-region rules side by side on the same CTs (mean Dice, paired Wilcoxon test), the
    16 test CTs (nothing chosen on them) and the 24 validation CTs.
+4. ``synthetic`` (with ``--demo-work``, the working folder of ``setup_scripts/run_demo.sh``): the demo's three
+   models fused by gtv-predict on 40 new synthetic CTs drawn like the demo's (``gtv-synthetic --seed 77``; the demo
+   draws with seed 0), and every score validated there.
 
 Results go to ``DIR/review_scores.json`` and markdown on stdout. Nothing is trained here.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -31,7 +35,8 @@ from pathlib import Path
 import real_ct
 from common import load_average, logger, run_stages, work_folders
 
-STAGES = ("predict", "scores", "fusion")
+STAGES = ("predict", "scores", "fusion", "synthetic")
+SYNTHETIC_CASES, SYNTHETIC_SEED, DEMO_DATASET = 40, 77, "990"
 FOLDS = (0, 1)
 # real_ct.py's fusion rule, chosen there on fold 0's validation CTs (docs/results/real_ct.md); fixed here
 FUSION_RULE = "Local weight 0.5, largest component"
@@ -120,10 +125,35 @@ def stage_fusion(dirs: dict, record: dict) -> None:
     record["fusion"] = comparison
 
 
+def stage_synthetic(dirs: dict, record: dict, demo_work: Path) -> None:
+    from nnunetv2_gtv.evaluation.review_scores import validate_scores
+
+    raw = dirs["work"] / "review_scores" / "synthetic_raw"
+    images = raw / "Dataset991_SyntheticReview"
+    if not (images / "dataset.json").is_file():
+        real_ct.run([real_ct.nnunet_command("gtv-synthetic"), "-o", str(raw), "-d", "991", "-n", "SyntheticReview",
+                     "--num-train", "1", "--num-test", str(SYNTHETIC_CASES), "--size", "128", "--slices", "44",
+                     "--in-plane-mm", "1.6", "1.9", "--orientations", "mixed", "--seed", str(SYNTHETIC_SEED)],
+                    dirs["logs"] / "review_synthetic_data.log")
+    fused = dirs["work"] / "review_scores" / "synthetic_fused"
+    if not (fused / "summary.json").is_file():
+        real_ct.run([real_ct.nnunet_command("gtv-predict"), "-i", str(images / "imagesTs"), "-o", str(fused), "-d",
+                     DEMO_DATASET, "-m", "Local:0", "Middle:0", "Global:0", "-tr_suffix", "_cpu", "-device", "cpu",
+                     "--disable_progress_bar"], dirs["logs"] / "review_synthetic_predict.log",
+                    dict(os.environ, nnUNet_results=str(demo_work.resolve() / "nnUNet_results")))
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (images / "labelsTs").glob("*.nii.gz"))
+    dice = {case: s["dice"] for case, s in real_ct.dice_against_labels(fused, images / "labelsTs", cases).items()}
+    record["synthetic"] = {"cases": len(dice), "mean_dice": statistics.fmean(dice.values()),
+                           "scores": validate_scores(read_rows(fused), dice)}
+
+
 def markdown(record: dict) -> str:
     lines = []
-    if "scores" in record:
-        for group, result in record["scores"]["groups"].items():
+    groups = dict(record.get("scores", {}).get("groups", {}))
+    if "synthetic" in record:
+        groups[f"synthetic, the demo's three models ({record['synthetic']['cases']} new CTs)"] = record["synthetic"]
+    if groups:
+        for group, result in groups.items():
             lines += [f"### {group}: fused mean Dice {result['mean_dice']:.3f}", "",
                       "| score | Spearman rho [95 % CI] | AUROC, worst quarter [95 % CI] | worst quarter caught |",
                       "|---|---|---|---|"]
@@ -132,7 +162,8 @@ def markdown(record: dict) -> str:
                              f"{v['rho_interval'][1]:.2f}] | {v['auroc']:.2f} [{v['auroc_interval'][0]:.2f}, "
                              f"{v['auroc_interval'][1]:.2f}] | {v['caught']} of {v['worst']} |")
             lines.append("")
-        lines.append(f"Chosen on the validation CTs: **{record['scores']['chosen_on_validation']}**.\n")
+        if "scores" in record:
+            lines.append(f"Chosen on the validation CTs: **{record['scores']['chosen_on_validation']}**.\n")
     if "fusion" in record:
         lines += ["| CTs | " + " | ".join(OUTSIDE_REGION_RULES) + " | better / worse | Wilcoxon p |",
                   "|---|---|---|---|---|"]
@@ -147,19 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--work", type=Path, required=True, help="benchmarks/real_ct.py's working folder")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES[:3]))
+    parser.add_argument("--demo-work", type=Path, help="run_demo.sh's working folder (its three trained models), "
+                                                        "for the synthetic stage")
     args = parser.parse_args(argv)
+    if "synthetic" in args.stages and args.demo_work is None:
+        parser.error("the synthetic stage needs --demo-work")
     dirs = work_folders(args.work)
     work = dirs["work"]
     missing = [spec for spec in real_ct.our_specs(list(FOLDS)) if not (
         real_ct.model_folder(dirs, *real_ct.models(FOLDS)[spec]) / "checkpoint_final.pth").is_file()]
-    if missing:
+    if missing and set(args.stages) - {"synthetic"}:
         log(f"not trained in {work}: {', '.join(missing)} (python benchmarks/real_ct.py --work {args.work} "
             "--stages dataset plan train --our-folds 0 1)")
         return 2
     path = work / "review_scores.json"
     record = run_stages(path, {"predict": lambda r: stage_predict(dirs, r), "scores": lambda r: stage_scores(dirs, r),
-                               "fusion": lambda r: stage_fusion(dirs, r)}, args.stages, log)
+                               "fusion": lambda r: stage_fusion(dirs, r),
+                               "synthetic": lambda r: stage_synthetic(dirs, r, args.demo_work)}, args.stages, log)
     print(markdown(record))
     log(f"results: {path}")
     return 0
