@@ -82,6 +82,15 @@ def _fusion_with_dataset_rules(dataset: str | int) -> FusionSettings:
     return FusionSettings(connectivity=choice.connectivity, label_rules=tuple(sorted(choice.rules.items())))
 
 
+def _review_with_dataset_rules(dataset: str | int) -> ReviewSelection:
+    rule_file = postprocessing_file(dataset)
+    calibrated = None if rule_file is None else read_postprocessing(rule_file).review_selection(rule_file)
+    if calibrated is None:
+        return ReviewSelection()
+    print(f"gtv-predict: review flag: {calibrated.flag_text()}")
+    return calibrated
+
+
 def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str | int,
             models: Sequence[str] | None = None, *, trainer_suffix: str = "", plans: str = "nnUNetPlans",
             configuration: str = "3d_fullres", checkpoint: str = DEFAULT_CHECKPOINT, device: str | None = None,
@@ -89,14 +98,15 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
             fusion: FusionSettings | None = None, dicom_reference: str | os.PathLike | None = None,
             num_processes: int = 2, resume: bool = False, num_parts: int = 1, part_id: int = 0,
             check_only: bool = False, save_model_predictions: bool = False, review_page: bool = False,
-            review_selection: ReviewSelection = ReviewSelection(), progress: bool = True,
+            review_selection: ReviewSelection | None = None, progress: bool = True,
             command: str | None = None) -> RunResult:
     """Segment the CTs of ``images`` (a file, a folder of them, or a folder of DICOM series) with the ensemble of
     ``models`` (``SCALE:FOLD`` or ``TRAINER:FOLD``; default the paper's six) trained on ``dataset`` under
     ``$nnUNet_results``, fused with ``fusion`` (default: the dataset's gtv_postprocessing.json when present, else
     the default rules), into ``output``: per case the fused labels, the vote entropy, a summary row (volumes, VVC,
-    review flag and rank, ``review_selection``); RTSTRUCT and SEG for DICOM input. ``inference`` defaults to the device's defaults (no overlap
-    and bfloat16 where native on the CPU, step 0.5 on CUDA). The other arguments are gtv-predict's options."""
+    review flag and rank, ``review_selection``, default: the review flag calibrated in that file, else VVC);
+    RTSTRUCT and SEG for DICOM input. ``inference`` defaults to the device's defaults (no overlap and bfloat16 where
+    native on the CPU, step 0.5 on CUDA). The other arguments are gtv-predict's options."""
     import torch
 
     from nnunetv2_gtv.dicom.outputs import write_run_outputs
@@ -121,6 +131,8 @@ def predict(images: str | os.PathLike, output: str | os.PathLike, dataset: str |
     dataset_folder = results / dataset_folder_name(results, dataset)
     specs = resolve_models(str(results), dataset_folder.name, list(models or PAPER_MODELS), plans, configuration,
                            trainer_suffix, checkpoint)
+    if review_selection is None:
+        review_selection = _review_with_dataset_rules(dataset) if fusion is None else ReviewSelection()
     fusion = fusion or _fusion_with_dataset_rules(dataset)
     fusion.model_weights(len(specs))
     set_threads(device)

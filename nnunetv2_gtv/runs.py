@@ -164,9 +164,9 @@ def finish_run(prog: str, command: str, output_folder: Path, rows: Mapping[str, 
     json_file, csv_file = write_summaries(output_folder, row_list, num_models, header)
     print(f"{prog}: wrote {len(done)} cases' segmentations and uncertainty maps to {output_folder}; "
           f"summary: {json_file.name}, {csv_file.name} ({len(row_list)} cases)")
-    if review.budget is not None:
+    if review.budget is not None or review.threshold is not None:
         flagged = sum(1 for row in row_list if row["review"])
-        print(f"{prog}: review: {flagged} of {len(row_list)} cases flagged, the riskiest by {review.score} "
+        print(f"{prog}: review: {flagged} of {len(row_list)} cases flagged, {review.flag_text()} "
               f"(review_rank in {csv_file.name})")
     print(f"{prog}: {components_removed_text(row_list, settings, label_names)}")
     code = list_failures(prog, "failed", failures)

@@ -609,9 +609,55 @@ def test_review_rank_orders_cases_by_the_chosen_score_and_a_budget_flags_exactly
     assert [r["case"] for r in sorted(rank_rows(two_labels, ReviewSelection()), key=lambda r: r["review_rank"])] \
         == ["p", "q"]  # the node's VVC 0.9 makes p the riskier case
     assert set(RISK_DIRECTION) == {"vvc", *SCORE_NAMES}
-    for bad in ({"score": "dice"}, {"budget": 0.0}, {"budget": 1.5}):
+    for bad in ({"score": "dice"}, {"budget": 0.0}, {"budget": 1.5}, {"threshold": math.inf},
+                {"threshold": 0.5, "budget": 0.25}):
         with pytest.raises(ValueError):
             ReviewSelection(**bad)
+    threshold = rank_rows(rows, ReviewSelection("agreement", threshold=0.6))  # agreement <= 0.6, or undefined
+    assert {r["case"]: r["review"] for r in threshold} == {"a": False, "b": True, "c": True, "d": True, "e": False}
+    assert {r["case"]: r["review"] for r in rank_rows(rows, ReviewSelection("vvc", threshold=0.2))} == {
+        "a": False, "b": True, "c": True, "d": True, "e": True}  # vvc >= 0.2
+
+
+def test_gtv_postprocessing_calibrates_a_review_flag_that_gtv_uncertainty_then_uses(tmp_path, properties, capsys):
+    """Eight out-of-fold cases whose six models disagree more and more (k of them mark a shifted box): the fused
+    Dice falls as they disagree; gtv-postprocessing stores the best-ranking score and the threshold that flags the
+    riskiest quarter, and a run with the file flags the cases on the risky side of it (unless told otherwise)."""
+    from nnunetv2_gtv.cli.postprocessing import main as postprocessing_main
+    from nnunetv2_gtv.ensemble.postprocessing import read_postprocessing
+
+    base, shifted = np.zeros(SHAPE), np.zeros(SHAPE)
+    base[:, 4:16, 2:14], shifted[:, 4:16, 6:18] = 1, 1
+    shifted_models = {f"case_{k}": k for k in range(7)} | {"case_7": 2}
+    per_model = [{case: binary(0.2 + 0.6 * (shifted if m < k else base)) for case, k in shifted_models.items()}
+                 for m in range(6)]
+    folders = write_models(tmp_path / "models", per_model, properties)
+    assert main(["-i", *folders, "-o", str(tmp_path / "cv"), "-np", "1", "--keep-all-components"]) == 0
+    (tmp_path / "labels").mkdir()
+    for case in shifted_models:
+        reference = sitk.GetImageFromArray(base.astype(np.uint8))
+        reference.CopyInformation(sitk.ReadImage(str(tmp_path / "cv" / f"{case}.nii.gz")))
+        sitk.WriteImage(reference, str(tmp_path / "labels" / f"{case}.nii.gz"))
+    rules = tmp_path / "pp.json"
+    assert postprocessing_main(["-p", str(tmp_path / "cv"), "-r", str(tmp_path / "labels"), "-o", str(rules)]) == 0
+    out = capsys.readouterr().out
+    review = json.loads(rules.read_text())["review"]
+    assert review["score"] in RISK_DIRECTION and review["cases"] == 8 and f"review flag: {review['score']}" in out
+    cv_rows = read_csv(tmp_path / "cv" / "summary.csv")
+    values = sorted((RISK_DIRECTION[review["score"]] * float(r[review["score"]]) for r in cv_rows), reverse=True)
+    assert RISK_DIRECTION[review["score"]] * review["threshold"] == pytest.approx(values[1])  # ceil(8 / 4) = 2
+    assert read_postprocessing(rules).review_selection(rules).threshold == review["threshold"]
+
+    assert main(["-i", *folders, "-o", str(tmp_path / "run"), "-np", "1", "--postprocessing", str(rules)]) == 0
+    assert "cases flagged, " + review["score"] in capsys.readouterr().out
+    header = json.loads((tmp_path / "run" / "summary.json").read_text())["review"]
+    assert header["score"] == review["score"] and header["threshold"] == review["threshold"]
+    for row in read_csv(tmp_path / "run" / "summary.csv"):
+        risky = RISK_DIRECTION[review["score"]] * (float(row[review["score"]]) - review["threshold"]) >= 0
+        assert row["review"] == ("true" if risky else "false")
+    assert main(["-i", *folders, "-o", str(tmp_path / "vvc"), "-np", "1", "--postprocessing", str(rules),
+                 "--review-score", "vvc"]) == 0
+    assert json.loads((tmp_path / "vvc" / "summary.json").read_text())["review"]["threshold"] is None
 
 
 def test_review_budget_through_the_command(tmp_path, properties, capsys):
@@ -626,7 +672,8 @@ def test_review_budget_through_the_command(tmp_path, properties, capsys):
     out = tmp_path / "out"
     assert main(["-i", *folders, "-o", str(out), "-np", "1", "--review-score", "pairwise_dice_mean",
                  "--review-budget", "0.34", "--vvc-threshold", "100"]) == 0
-    assert "review: 2 of 3 cases flagged, the riskiest by pairwise_dice_mean" in capsys.readouterr().out
+    assert "review: 2 of 3 cases flagged, the 0.34 of cases ranked riskiest by pairwise_dice_mean" in \
+        capsys.readouterr().out
     rows = {r["case"]: r for r in read_csv(out / "summary.csv")}
     ranked = sorted(rows.values(), key=lambda r: float(r["pairwise_dice_mean"]))
     assert [r["case"] for r in ranked] == ["case_2", "case_1", "case_0"]

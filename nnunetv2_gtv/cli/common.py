@@ -50,9 +50,11 @@ def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--vvc-threshold", type=float, default=FusionSettings.vvc_threshold, metavar="VVC",
                         help="review=true when VVC exceeds this (default %(default)s; the paper's Fig. 12 spans "
                              "0.06-0.16; with several labels: any label's own VVC), or when every model found nothing")
-    parser.add_argument("--review-score", choices=list(RISK_DIRECTION), default=ReviewSelection.score,
+    parser.add_argument("--review-score", choices=list(RISK_DIRECTION),
                         help="the per-case score that ranks the cases for review (review_rank in the summary, the "
-                             "review page's order; default %(default)s); docs/uncertainty.md")
+                             "review page's order); default: the score and threshold calibrated by "
+                             f"gtv-postprocessing when its file is used, else {ReviewSelection.score}; "
+                             "docs/uncertainty.md")
     parser.add_argument("--review-budget", type=float, metavar="FRACTION",
                         help="flag the riskiest share of the run instead of VVC > threshold: review=true for the "
                              "ceil(FRACTION x cases) cases ranked first by --review-score (e.g. 0.25)")
@@ -86,9 +88,18 @@ def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os
     )
 
 
-def review_selection_from_args(args: argparse.Namespace) -> ReviewSelection:
-    """The review ranking of the command line; ValueError on an unusable budget."""
-    return ReviewSelection(args.review_score, args.review_budget)
+def review_selection_from_args(args: argparse.Namespace, postprocessing: str | os.PathLike | None = None
+                               ) -> ReviewSelection:
+    """The review ranking of the command line; with neither --review-score nor --review-budget, the review flag
+    calibrated in the post-processing file that the fusion uses (as :func:`fusion_settings_from_args` picks it),
+    if it has one. ValueError on an unusable budget or file."""
+    rule_file = args.postprocessing or (postprocessing if args.components is None
+                                        and args.min_component_ml is None else None)
+    if args.review_score is None and args.review_budget is None and rule_file:
+        calibrated = read_postprocessing(rule_file).review_selection(rule_file)
+        if calibrated is not None:
+            return calibrated
+    return ReviewSelection(args.review_score or ReviewSelection.score, args.review_budget)
 
 
 def add_resume_and_part_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:

@@ -3,7 +3,9 @@
 Fuse the out-of-fold predictions with every component kept, then let this command compare each label's Dice with
 and without its largest-component rule (nnU-Net's criterion: the rule is kept only where it raises that label's
 mean Dice). The choice goes to a small JSON that gtv-predict reads from $nnUNet_results/<dataset>/ (-d) and that
-gtv-predict / gtv-uncertainty take with --postprocessing FILE. Example:
+gtv-predict / gtv-uncertainty take with --postprocessing FILE. With the fusion's summary.csv and at least 8 cases,
+the review flag is calibrated there too: the per-case score that best picks the worst cases and the threshold that
+flags the riskiest quarter of them (docs/uncertainty.md#validating-a-review-score). Example:
 
   gtv-uncertainty -i $nnUNet_results/Dataset920_X/nnUNetTrainerGTV25D{Local,Middle,Global}__nnUNetPlans__3d_fullres \
       -o cv_fused --keep-all-components

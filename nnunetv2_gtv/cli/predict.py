@@ -79,12 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         fusion = fusion_settings_from_args(args, rule_file)
         if fusion.label_rules and not args.postprocessing:
             print(f"{PROG}: post-processing per label from {rule_file}")
+        review_selection = review_selection_from_args(args, rule_file)
+        if review_selection.threshold is not None:
+            print(f"{PROG}: review flag: {review_selection.flag_text()}")
         run = predict(args.i, args.o, args.d, args.m, trainer_suffix=args.tr_suffix, plans=args.p,
                       configuration=args.c, checkpoint=args.chk, device=args.device, inference=settings,
                       tiles_per_batch=args.tiles_per_batch, fusion=fusion, dicom_reference=args.dicom_reference,
                       num_processes=args.np, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id,
                       check_only=args.check, save_model_predictions=args.save_model_predictions,
-                      review_page=args.review, review_selection=review_selection_from_args(args),
+                      review_page=args.review, review_selection=review_selection,
                       progress=not args.disable_progress_bar,
                       command=command_line(PROG, argv))
     except USER_ERRORS as err:

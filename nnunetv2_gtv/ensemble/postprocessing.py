@@ -9,7 +9,9 @@
      "chosen_on": {...what it was chosen on, and the Dice of every candidate...}}
 
 ``rule`` is ``largest``, ``all`` or ``min_volume`` (with ``min_component_ml``); a label that the file does not list
-keeps every component.
+keeps every component. An optional ``"review": {"score": "pairwise_dice_mean", "threshold": 0.82, ...}`` is the
+review flag calibrated on the same cases (:func:`nnunetv2_gtv.evaluation.review_scores.calibrate_review`): the
+score that ranked their failures best, and the value that flags the riskiest quarter of them.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunetv2_gtv.ensemble.fusion import CONNECTIVITY_RANK, ComponentRule
+from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection
 from nnunetv2_gtv.io.atomic import write_text
 
 POSTPROCESSING_FILE = "gtv_postprocessing.json"
@@ -33,6 +36,13 @@ class PostprocessingChoice:
     rules: dict[int, ComponentRule]
     names: dict[int, str] = field(default_factory=dict)
     chosen_on: dict = field(default_factory=dict)
+    review: dict | None = None
+
+    def review_selection(self, path: str | os.PathLike) -> ReviewSelection | None:
+        """The calibrated review flag of this file (``path``, named in the summary), or None without one."""
+        if self.review is None:
+            return None
+        return ReviewSelection(self.review["score"], threshold=float(self.review["threshold"]), source=str(path))
 
     def to_json(self) -> dict:
         labels = {}
@@ -41,7 +51,8 @@ class PostprocessingChoice:
             if rule.rule == "min_volume":
                 entry["min_component_ml"] = rule.min_component_ml
             labels[str(label)] = entry
-        return {"format": FORMAT, "connectivity": self.connectivity, "labels": labels, "chosen_on": self.chosen_on}
+        document = {"format": FORMAT, "connectivity": self.connectivity, "labels": labels, "chosen_on": self.chosen_on}
+        return document | ({"review": self.review} if self.review is not None else {})
 
 
 def read_postprocessing(path: str | os.PathLike) -> PostprocessingChoice:
@@ -66,7 +77,13 @@ def read_postprocessing(path: str | os.PathLike) -> PostprocessingChoice:
             names[label] = str(entry.get("name", f"label_{label}"))
     except (TypeError, KeyError, ValueError) as err:
         raise ValueError(f"{path}: unusable label rule ({err})") from err
-    return PostprocessingChoice(connectivity, rules, names, dict(document.get("chosen_on") or {}))
+    choice = PostprocessingChoice(connectivity, rules, names, dict(document.get("chosen_on") or {}),
+                                  document.get("review"))
+    try:
+        choice.review_selection(path)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: unusable review flag ({err})") from err
+    return choice
 
 
 def write_postprocessing(choice: PostprocessingChoice, path: str | os.PathLike) -> Path:

@@ -8,8 +8,9 @@ score is undefined everywhere (e.g. no model marked anything) ranks before the o
 result. Ties keep the case names' order.
 
 With a budget (a share of the run, ``--review-budget 0.25``) ``review`` is true for exactly the ceil(budget x cases)
-highest-ranked cases and false for the rest, instead of the per-case VVC threshold; per-label ``review_<label>``
-columns keep their threshold flags. Ranking is over the rows the summary holds when it is written: in a sharded run
+highest-ranked cases and false for the rest, instead of the per-case VVC threshold. With a threshold on the score
+(calibrated on validation cases and stored beside the models by ``gtv-postprocessing``) ``review`` is true where the
+score is on its risky side (or undefined). Per-label ``review_<label>`` columns keep their VVC threshold flags. Ranking is over the rows the summary holds when it is written: in a sharded run
 the part that finishes last ranks them all.
 """
 from __future__ import annotations
@@ -35,21 +36,40 @@ MEANING = {  # one sentence each, for the review page
 
 @dataclass(frozen=True)
 class ReviewSelection:
-    """The score cases are ranked by, and the share of them flagged for review (None: the VVC threshold flags)."""
+    """The score cases are ranked by, and which of them are flagged for review: the riskiest ``budget`` share of
+    the run, or every case on the risky side of ``threshold`` (in the score's units, calibrated on validation cases
+    by gtv-postprocessing), or, with neither, the per-case VVC threshold. ``source`` says where a calibrated
+    selection came from."""
 
     score: str = "vvc"
     budget: float | None = None
+    threshold: float | None = None
+    source: str | None = None
 
     def __post_init__(self):
         if self.score not in RISK_DIRECTION:
             raise ValueError(f"review score must be one of {', '.join(RISK_DIRECTION)}, got {self.score!r}")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ValueError(f"review budget is a share of the cases in (0, 1], got {self.budget}")
+        if self.threshold is not None and (self.budget is not None or not math.isfinite(self.threshold)):
+            raise ValueError(f"a review threshold must be a finite number and excludes a budget, got "
+                             f"{self.threshold} with budget {self.budget}")
+
+    def flag_text(self) -> str:
+        if self.budget is not None:
+            return f"the {self.budget:g} of cases ranked riskiest by {self.score}"
+        if self.threshold is not None:
+            side = ">=" if RISK_DIRECTION[self.score] > 0 else "<="
+            return f"{self.score} {side} {self.threshold:.4g} (calibrated on validation cases: {self.source})"
+        return "the VVC threshold (vvc_threshold), per case"
+
+    def flags(self, case_risk: float | None) -> bool:
+        """Whether a case of this risk (:func:`risk`) is over the threshold; an undefined risk is."""
+        return case_risk is None or case_risk >= RISK_DIRECTION[self.score] * self.threshold
 
     def record(self) -> dict:
         return {"score": self.score, "meaning": MEANING[self.score], "budget": self.budget,
-                "flag": (f"the {self.budget:g} of cases ranked riskiest by {self.score}" if self.budget is not None
-                         else "the VVC threshold (vvc_threshold), per case")}
+                "threshold": self.threshold, "flag": self.flag_text()}
 
 
 def risk(row: dict, score: str, label_names: Sequence[str] = ()) -> float | None:
@@ -62,14 +82,19 @@ def risk(row: dict, score: str, label_names: Sequence[str] = ()) -> float | None
 
 
 def rank_rows(rows: Sequence[dict], selection: ReviewSelection) -> list[dict]:
-    """Copies of ``rows`` with ``review_rank`` set (and ``review`` from the budget, if one is given)."""
+    """Copies of ``rows`` with ``review_rank`` set (and ``review`` from the budget or threshold, if one is given)."""
     labels = label_columns(rows)
     risks = {row["case"]: risk(row, selection.score, labels) for row in rows}
     order = sorted(rows, key=lambda row: (risks[row["case"]] is not None, -(risks[row["case"]] or 0.0), row["case"]))
     flagged = math.ceil(selection.budget * len(order) - 1e-9) if selection.budget is not None else None
     ranked = []
     for rank, row in enumerate(order, start=1):
-        review = row.get("review") if flagged is None else rank <= flagged
+        if flagged is not None:
+            review = rank <= flagged
+        elif selection.threshold is not None:
+            review = selection.flags(risks[row["case"]])
+        else:
+            review = row.get("review")
         copy = {}
         for key, value in row.items():  # review_rank right after review, as in summary.csv
             if key != "review_rank":
@@ -77,7 +102,7 @@ def rank_rows(rows: Sequence[dict], selection: ReviewSelection) -> list[dict]:
             if key == "review":
                 copy["review_rank"] = rank
         copy.setdefault("review_rank", rank)
-        if flagged is not None:
+        if flagged is not None or selection.threshold is not None:
             copy.setdefault("review", review)
         ranked.append(copy)
     return ranked

@@ -6,6 +6,10 @@ components as they are (``all``) and with its largest component only (``largest`
 it raises that label's mean Dice, as nnU-Net keeps a removal only where the label's Dice improves
 (nnunetv2/postprocessing/remove_connected_components.py). A label whose mean does not improve keeps ``all``: a
 second node, a second parotid lobe, are never deleted by default.
+
+When the folder has the fusion's ``summary.csv`` and at least MIN_CALIBRATION_CASES cases, the review flag is
+calibrated there too (:func:`nnunetv2_gtv.evaluation.review_scores.calibrate_review`): each case's Dice with the
+chosen rules (mean over its labels) against the scores of the summary (computed with every component kept).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import numpy as np
 from nnunetv2_gtv.ensemble.fusion import ComponentRule, filter_components
 from nnunetv2_gtv.ensemble.postprocessing import PostprocessingChoice
 from nnunetv2_gtv.evaluation.folders import EvaluationInputError, check_same_grid, detect_file_ending, find_image, \
-    find_label_set, list_cases, read_summary_json, read_volume
+    find_label_set, list_cases, read_summary_csv, read_summary_json, read_volume
 from nnunetv2_gtv.evaluation.metrics import dice_score
+from nnunetv2_gtv.evaluation.review_scores import MIN_CALIBRATION_CASES, calibrate_review
 
 CANDIDATES = ("all", "largest")
 
@@ -68,4 +73,23 @@ def choose_postprocessing(fused_dir: str | Path, labels_dir: str | Path, connect
     chosen_on = {"predictions": str(fused_dir.resolve()), "reference": str(labels_dir.resolve()),
                  "cases": len(cases), "labels": record,
                  "rule": "largest component kept only where it raises the label's mean Dice (nnU-Net's criterion)"}
-    return PostprocessingChoice(connectivity, rules, {v: label_set.name_of(v) for v in foreground}, chosen_on)
+    case_dice = {case: float(np.mean([dice[label][rules[label].rule][i] for label in foreground]))
+                 for i, case in enumerate(cases)}
+    return PostprocessingChoice(connectivity, rules, {v: label_set.name_of(v) for v in foreground}, chosen_on,
+                                _review_flag(fused_dir, case_dice, log))
+
+
+def _review_flag(fused_dir: Path, case_dice: dict[str, float], log: Callable[[str], None]) -> dict | None:
+    rows = read_summary_csv(fused_dir)
+    if rows is None or len(case_dice) < MIN_CALIBRATION_CASES:
+        log(f"review flag: not calibrated ({'no summary.csv' if rows is None else f'{len(case_dice)} cases'}; "
+            f"needs the fusion's summary.csv and {MIN_CALIBRATION_CASES} cases); gtv-predict keeps VVC > threshold")
+        return None
+    review = calibrate_review([rows[case] for case in case_dice if case in rows], case_dice)
+    if review is None:
+        log("review flag: not calibrated (no score is defined on these cases); gtv-predict keeps VVC > threshold")
+        return review
+    log(f"review flag: {review['score']} (AUROC {review['auroc']:.2f} for the worst quarter, Spearman rho "
+        f"{review['spearman_rho']:.2f}, {review['cases']} cases); flagged at {review['threshold']:.4g}, the riskiest "
+        f"{review['share']:g} of these cases")
+    return review

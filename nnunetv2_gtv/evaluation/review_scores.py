@@ -27,6 +27,7 @@ from nnunetv2_gtv.ensemble.review_ranking import RISK_DIRECTION, risk
 from nnunetv2_gtv.ensemble.summary import label_columns
 
 SIZE_BASELINE = "volume_ml_fused"
+MIN_CALIBRATION_CASES = 8  # fewer validation cases set no threshold: a quarter of them would be one or two
 SCORES = (*RISK_DIRECTION, SIZE_BASELINE)
 REVIEW_SHARE = 0.25
 RESAMPLES = 2000
@@ -124,3 +125,24 @@ def best_score(validation: Mapping[str, Mapping]) -> str | None:
 
 def _finite_or(value: float, default: float = -math.inf) -> float:
     return value if math.isfinite(value) else default
+
+
+def calibrate_review(rows: Sequence[Mapping], dice: Mapping[str, float], share: float = REVIEW_SHARE
+                     ) -> dict | None:
+    """The review flag chosen on validation cases: the best score (:func:`best_score`) and the threshold, in the
+    score's units, that flags the ``share`` riskiest of these cases (the value of the last one flagged); None with
+    fewer than MIN_CALIBRATION_CASES cases or no usable score."""
+    validation = validate_scores(rows, dice, scores=tuple(RISK_DIRECTION))
+    score = best_score(validation)
+    if score is None or validation[score]["n"] < MIN_CALIBRATION_CASES:
+        return None
+    risks = sorted((r for case, r in case_risks(rows, score, label_columns(rows)).items() if case in dice),
+                   reverse=True)
+    finite = [r for r in risks[:math.ceil(share * len(risks) - 1e-9)] if math.isfinite(r)]
+    if not finite:
+        return None
+    table = {name: {key: (v[key] if math.isfinite(v[key]) else None) for key in ("auroc", "spearman_rho")}
+             for name, v in validation.items()}  # JSON-ready
+    return {"score": score, "threshold": RISK_DIRECTION[score] * finite[-1], "share": share,
+            "cases": validation[score]["n"], "auroc": validation[score]["auroc"],
+            "spearman_rho": _finite_or(validation[score]["spearman_rho"], None), "validation": table}

@@ -85,6 +85,7 @@ function buildTable() {
     (DATA.review
       ? `. Sorted by review priority: flagged first, then by ${DATA.review.score}, ${DATA.review.meaning}` +
         (DATA.review.budget !== null ? ` (flag: the riskiest ${DATA.review.budget} of the cases by it)`
+          : DATA.review.threshold !== null && DATA.review.threshold !== undefined ? ` (flag: ${DATA.review.flag})`
           : ` (flag: VVC > ${DATA.vvc_threshold})`)
       : `. Sorted by review priority: flagged first, then the highest VVC (of the case or a label) descending` +
         (DATA.vvc_threshold !== null && DATA.vvc_threshold !== undefined ? ` (flag: VVC > ${DATA.vvc_threshold})` : "")) +
