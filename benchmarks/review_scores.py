@@ -91,20 +91,46 @@ def set_scores(dirs: dict, rule: str) -> dict[str, tuple[list[dict], dict[str, f
 
 
 def stage_scores(dirs: dict, record: dict) -> None:
-    from nnunetv2_gtv.evaluation.review_scores import best_score, validate_scores
+    from nnunetv2_gtv.evaluation.review_scores import calibrate_review, validate_scores
 
     per_set = set_scores(dirs, next(iter(OUTSIDE_REGION_RULES)))
-    groups = {"validation (24 CTs, where the score is chosen)": [f"fold {f} validation" for f in FOLDS],
-              "test (16 CTs)": ["test"], "all 40 held-out CTs": [*(f"fold {f} validation" for f in FOLDS), "test"]}
-    results = {}
+    validation = [f"fold {f} validation" for f in FOLDS]
+    groups = {"validation (24 CTs, where the score is chosen)": validation, "test (16 CTs)": ["test"],
+              "all 40 held-out CTs": [*validation, "test"]}
+    results, pooled = {}, {}
     for group, names in groups.items():
         rows = [row for name in names for row in per_set[name][0]]
         dice = {case: d for name in names for case, d in per_set[name][1].items()}
+        pooled[group] = rows, dice
         results[group] = {"cases": len(dice), "mean_dice": statistics.fmean(dice.values()),
                           "scores": validate_scores(rows, dice)}
-    chosen = best_score(next(iter(results.values()))["scores"])
-    record["scores"] = {"groups": results, "chosen_on_validation": chosen}
-    log(f"chosen on the validation CTs: {chosen}")
+    calibration = calibrate_review(*pooled["validation (24 CTs, where the score is chosen)"])
+    record["scores"] = {"groups": results, "chosen_on_validation": calibration and calibration["score"],
+                        "calibration": calibration,
+                        "flag_on_test": calibration and flag_on(calibration, *pooled["test (16 CTs)"])}
+    log(f"chosen on the validation CTs: {calibration and calibration['score']}")
+
+
+def flag_on(calibration: dict, rows: list[dict], dice: dict[str, float]) -> dict:
+    """The review flag calibrated on the validation CTs (gtv-postprocessing's rule) applied to other CTs: how many
+    it flags, and how many of their worst quarter (lowest Dice) are among them."""
+    import math
+
+    from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection, rank_rows
+
+    selection = ReviewSelection(calibration["score"], threshold=calibration["threshold"], source="validation CTs")
+    numeric = [{key: (value if key == "case" else _number(value)) for key, value in row.items()} for row in rows]
+    flagged = {row["case"] for row in rank_rows(numeric, selection) if row["review"]}
+    worst = set(sorted(dice, key=lambda case: (dice[case], case))[:math.ceil(len(dice) / 4)])
+    return {"cases": len(dice), "flagged": sorted(flagged), "worst_quarter": sorted(worst),
+            "worst_flagged": len(worst & flagged)}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def stage_fusion(dirs: dict, record: dict) -> None:
@@ -164,6 +190,11 @@ def markdown(record: dict) -> str:
             lines.append("")
         if "scores" in record:
             lines.append(f"Chosen on the validation CTs: **{record['scores']['chosen_on_validation']}**.\n")
+            flag, calibration = record["scores"]["flag_on_test"], record["scores"]["calibration"]
+            if flag:
+                lines.append(f"Flag calibrated on them ({calibration['score']}, threshold "
+                             f"{calibration['threshold']:.4g}) on the {flag['cases']} test CTs: {len(flag['flagged'])} "
+                             f"flagged, {flag['worst_flagged']} of the {len(flag['worst_quarter'])} worst among them.\n")
     if "fusion" in record:
         lines += ["| CTs | " + " | ".join(OUTSIDE_REGION_RULES) + " | better / worse | Wilcoxon p |",
                   "|---|---|---|---|---|"]
