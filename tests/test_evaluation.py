@@ -373,7 +373,7 @@ def test_cli_end_to_end_values_match_independent_computation(fused_folder, capsy
 
     report = (out / "report.md").read_text()
     assert "| fused | 3 |" in report and "| case_b | 0.8889 |" in report
-    assert "| vvc | 3 | 1.00 [" in report and "Highest AUROC: vvc." in report
+    assert "| vvc | 3 | 1.00 [" in report and "Chosen (AUROC above chance and the size baseline): vvc." in report
     for png in ("error_rate_per_level.png", "vvc_vs_1_minus_dice.png", "dice_per_case.png"):
         assert f"]({png})" in report
     with open(out / "error_rates.csv", newline="") as handle:

@@ -65,7 +65,29 @@ def test_validate_scores_against_scipy_and_sklearn():
         assert low <= result[score]["spearman_rho"] <= high
     assert result[review_scores.SIZE_BASELINE]["spearman_rho"] == pytest.approx(1.0)  # volume = 100 x Dice here
     assert result["vvc"]["rho_interval"][0] > 0.5  # VVC built to follow the error
-    assert review_scores.best_score(result) == "vvc"  # the size baseline is the bar, never the winner
+    assert review_scores.best_score(result) is None  # volume = 100 x Dice: no score beats the size baseline here
+    without_baseline = {k: v for k, v in result.items() if k != review_scores.SIZE_BASELINE}
+    assert review_scores.best_score(without_baseline) == "vvc"
+
+
+def test_no_score_is_chosen_when_none_beats_chance():
+    """Scores that rank the failures last (AUROC < 0.5), as on the real-CT validation CTs, choose nothing, and no
+    review flag is calibrated from them."""
+    dice = {f"c{i:02d}": 0.05 * i for i in range(1, 13)}
+    rows = [{"case": c, "vvc": str(d), "pairwise_dice_mean": str(1.0 - d)} for c, d in dice.items()]  # backwards
+    result = review_scores.validate_scores(rows, dice, resamples=50)
+    assert result["vvc"]["auroc"] == pytest.approx(0.0) and result["pairwise_dice_mean"]["auroc"] == pytest.approx(0.0)
+    assert review_scores.best_score(result) is None
+    assert review_scores.calibrate_review(rows, dice) is None
+
+
+def test_calibrated_threshold_flags_the_riskiest_quarter_of_the_validation_cases():
+    dice = {f"c{i:02d}": 0.05 * i for i in range(1, 13)}
+    rows = [{"case": c, "pairwise_dice_mean": str(0.5 + d / 2), "volume_ml_fused": "10"} for c, d in dice.items()]
+    calibration = review_scores.calibrate_review(rows, dice)
+    assert calibration["score"] == "pairwise_dice_mean" and calibration["cases"] == 12
+    assert calibration["threshold"] == pytest.approx(0.5 + 0.15 / 2)  # the 3rd lowest: ceil(12 / 4) = 3 flagged
+    assert review_scores.calibrate_review(rows[:7], {c: dice[c] for c in list(dice)[:7]}) is None  # < 8 cases
 
 
 def test_undefined_scores_count_as_riskiest_and_labels_take_the_riskiest_value():

@@ -87,7 +87,8 @@ def _review_flag(fused_dir: Path, case_dice: dict[str, float], log: Callable[[st
         return None
     review = calibrate_review([rows[case] for case in case_dice if case in rows], case_dice)
     if review is None:
-        log("review flag: not calibrated (no score is defined on these cases); gtv-predict keeps VVC > threshold")
+        log("review flag: not calibrated (no score picks the worst of these cases better than chance and the "
+            "size baseline); gtv-predict keeps VVC > threshold")
         return review
     log(f"review flag: {review['score']} (AUROC {review['auroc']:.2f} for the worst quarter, Spearman rho "
         f"{review['spearman_rho']:.2f}, {review['cases']} cases); flagged at {review['threshold']:.4g}, the riskiest "

@@ -190,7 +190,7 @@ def _review_scores_lines(review: dict) -> list[str]:
             "Bootstrap 95 % intervals in brackets. Ranking the cases of this folder: use it to choose "
             "`--review-score` on validation cases, never on the cases you report.", "",
             *markdown_table(["Score", "Cases", "Spearman rho", f"AUROC, worst {share * 100:g} %", "Caught"], rows), "",
-            f"Highest AUROC: {review['best'] or '–'}.", ""]
+            f"Chosen (AUROC above chance and the size baseline): {review['best'] or 'none'}.", ""]
 
 
 def _fmt(value: float, digits: int) -> str:

@@ -14,6 +14,9 @@ Definitions (fixed before any held-out number was looked at; docs/uncertainty.md
   stays the one of the full set; draws without both kinds of case are skipped).
 - **caught**: how many of the worst quarter are among the ceil(n / 4) riskiest cases, the ones a review of a quarter
   of the run would check (ties in risk broken by the case names, as ``review_rank`` does).
+- **choice** (:func:`best_score`): the highest AUROC among the scores better than chance and than the size baseline;
+  none when no score is (the bar was added after the real-CT run of docs/results/review_scores.md, whose best score
+  on the validation CTs had AUROC 0.39: a flag by it would mark the cases least likely to have failed).
 """
 from __future__ import annotations
 
@@ -114,9 +117,11 @@ def validate_scores(rows: Sequence[Mapping], dice: Mapping[str, float], scores: 
 
 
 def best_score(validation: Mapping[str, Mapping]) -> str | None:
-    """The score with the highest AUROC for the worst cases (ties: the higher rho, then the order of SCORES); the
-    size baseline never wins (it is the bar the others must clear)."""
-    candidates = [s for s in validation if s != SIZE_BASELINE and math.isfinite(validation[s]["auroc"])]
+    """The score with the highest AUROC for the worst cases (ties: the higher rho, then the order of SCORES), among
+    those that pick them better than chance (AUROC > 0.5) and better than the size baseline where it was measured;
+    None when no score does. The size baseline itself never wins: it is the bar."""
+    bar = max(0.5, _finite_or(validation.get(SIZE_BASELINE, {}).get("auroc", math.nan), 0.5))
+    candidates = [s for s in validation if s != SIZE_BASELINE and _finite_or(validation[s]["auroc"]) > bar]
     if not candidates:
         return None
     return max(candidates, key=lambda s: (validation[s]["auroc"], _finite_or(validation[s]["spearman_rho"]),
@@ -131,8 +136,9 @@ def calibrate_review(rows: Sequence[Mapping], dice: Mapping[str, float], share: 
                      ) -> dict | None:
     """The review flag chosen on validation cases: the best score (:func:`best_score`) and the threshold, in the
     score's units, that flags the ``share`` riskiest of these cases (the value of the last one flagged); None with
-    fewer than MIN_CALIBRATION_CASES cases or no usable score."""
-    validation = validate_scores(rows, dice, scores=tuple(RISK_DIRECTION))
+    fewer than MIN_CALIBRATION_CASES cases or no score that picks the worst cases better than chance and the size
+    baseline."""
+    validation = validate_scores(rows, dice)
     score = best_score(validation)
     if score is None or validation[score]["n"] < MIN_CALIBRATION_CASES:
         return None
