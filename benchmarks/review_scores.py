@@ -116,21 +116,16 @@ def flag_on(calibration: dict, rows: list[dict], dice: dict[str, float]) -> dict
     it flags, and how many of their worst quarter (lowest Dice) are among them."""
     import math
 
-    from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection, rank_rows
+    from nnunetv2_gtv.ensemble.review_ranking import ReviewSelection
+    from nnunetv2_gtv.ensemble.summary import label_columns
+    from nnunetv2_gtv.evaluation.review_scores import case_risks
 
     selection = ReviewSelection(calibration["score"], threshold=calibration["threshold"], source="validation CTs")
-    numeric = [{key: (value if key == "case" else _number(value)) for key, value in row.items()} for row in rows]
-    flagged = {row["case"] for row in rank_rows(numeric, selection) if row["review"]}
+    risks = case_risks(rows, selection.score, label_columns(rows))
+    flagged = {case for case, case_risk in risks.items() if case in dice and selection.flags(case_risk)}
     worst = set(sorted(dice, key=lambda case: (dice[case], case))[:math.ceil(len(dice) / 4)])
     return {"cases": len(dice), "flagged": sorted(flagged), "worst_quarter": sorted(worst),
             "worst_flagged": len(worst & flagged)}
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
 
 
 def stage_fusion(dirs: dict, record: dict) -> None:
