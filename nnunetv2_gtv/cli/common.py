@@ -60,6 +60,13 @@ def add_fusion_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                              "ceil(FRACTION x cases) cases ranked first by --review-score (e.g. 0.25)")
 
 
+def rule_file_in_use(args: argparse.Namespace, postprocessing: str | os.PathLike | None) -> str | os.PathLike | None:
+    """--postprocessing FILE, else ``postprocessing`` (the file beside the models) when the command line chose no
+    component rule."""
+    return args.postprocessing or (postprocessing if args.components is None
+                                   and args.min_component_ml is None else None)
+
+
 def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os.PathLike | None = None
                               ) -> FusionSettings:
     """The fusion settings of the command line; ``postprocessing`` is a rule file to use when the command line
@@ -67,8 +74,7 @@ def fusion_settings_from_args(args: argparse.Namespace, postprocessing: str | os
     components, min_ml, rules, connectivity = args.components or AUTO_COMPONENTS, 0.0, (), args.connectivity
     if args.min_component_ml is not None:
         components, min_ml = "min_volume", args.min_component_ml
-    rule_file = args.postprocessing or (postprocessing if args.components is None
-                                        and args.min_component_ml is None else None)
+    rule_file = rule_file_in_use(args, postprocessing)
     if rule_file:
         choice = read_postprocessing(rule_file)
         if connectivity is not None and connectivity != choice.connectivity:
@@ -93,8 +99,7 @@ def review_selection_from_args(args: argparse.Namespace, postprocessing: str | o
     """The review ranking of the command line; with neither --review-score nor --review-budget, the review flag
     calibrated in the post-processing file that the fusion uses (as :func:`fusion_settings_from_args` picks it),
     if it has one. ValueError on an unusable budget or file."""
-    rule_file = args.postprocessing or (postprocessing if args.components is None
-                                        and args.min_component_ml is None else None)
+    rule_file = rule_file_in_use(args, postprocessing)
     if args.review_score is None and args.review_budget is None and rule_file:
         calibrated = read_postprocessing(rule_file).review_selection(rule_file)
         if calibrated is not None:
