@@ -57,7 +57,8 @@ TRAINER_NAMES = ("nnUNetTrainerGTV25D", "nnUNetTrainerGTV25DLocal", "nnUNetTrain
                  "nnUNetTrainerGTV25DGlobal")
 SCALES = ("Local", "Middle", "Global")
 SHORT_RUN_NAMES = tuple(f"nnUNetTrainerGTV25D{scale}_{suffix}" for suffix in ("5epochs", "smoke") for scale in SCALES)
-CPU_RECIPE_NAMES = tuple(f"nnUNetTrainerGTV25D{scale}_{suffix}" for suffix in ("cpu", "cpuRealCT") for scale in SCALES)
+CPU_RECIPE_NAMES = tuple(f"nnUNetTrainerGTV25D{scale}_{suffix}" for suffix in ("cpu", "cpuRealCT", "cpuRealCTLong")
+                         for scale in SCALES)
 PAPER_VARIANT_NAMES = tuple(f"nnUNetTrainerGTVLocal_{network}{suffix}" for network in (
     "UNet3D", "VNet3D", "UNet25D", "UNet25D_PE", "UNet25D_PE_AG", "UNet25D_PE_AM") for suffix in ("", "_smoke"))
 BUDGET_BASELINE_NAMES = ("nnUNetTrainer_20min", "nnUNetTrainer_40min")

@@ -235,6 +235,29 @@ def test_cpu_real_ct_recipe_differs_from_the_paper_only_where_documented(gtv_dat
         assert torch.equal(snapshot["network_weights"][key], value)
 
 
+def test_cpu_real_ct_long_recipe_is_the_recipe_over_1400_bfloat16_iterations(gtv_dataset, monkeypatch):
+    """``_cpuRealCTLong``: the ``_cpuRealCT`` recipe with 1400 iterations (poly decay over all 28 epochs) and its
+    training step under bfloat16; nothing else differs, and each scale keeps its sampling region."""
+    from nnunetv2_gtv.training import cpu_recipes
+
+    for name, path in gtv_dataset["dirs"].items():
+        monkeypatch.setenv(name, path)
+    recipe = _middle_cpu_real_ct_trainer(gtv_dataset)
+    shared = ("initial_lr", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
+              "oversample_foreground_percent", "cpu_batch_size", "loss_kind", "lr_schedule", "training_seed",
+              "snapshot_every_epochs", "validation_step_size")
+    for scale in ("Local", "Middle", "Global"):
+        trainer = getattr(cpu_recipes, f"nnUNetTrainerGTV25D{scale}_cpuRealCTLong")(
+            {**recipe.plans_manager.plans, "continue_training": False}, "3d_fullres", 0, recipe.dataset_json,
+            torch.device("cpu"))
+        assert trainer.num_epochs * trainer.num_iterations_per_epoch == 1400
+        assert trainer.training_precision == "bfloat16" and recipe.training_precision == "float32"
+        assert {a: getattr(trainer, a) for a in shared} == {a: getattr(recipe, a) for a in shared}
+        assert trainer.sampling_region == scale.lower()
+    trainer.initialize()
+    assert trainer.lr_scheduler.max_steps == 28 and trainer.batch_size == 8
+
+
 def test_cpu_real_ct_study_knobs_reach_training_and_the_saved_plans(gtv_dataset, monkeypatch, tmp_path):
     """The recipe study's mirror_axes and patch_size_zyx (benchmarks/recipe_study.py, set on the instance):
     augmentation and test-time mirroring follow the axes, a patch of its own stays in-plane augmented and goes into
