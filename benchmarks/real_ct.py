@@ -631,14 +631,14 @@ def population_prior_test(dirs: dict, output: Path) -> None:
 
 
 def predict_ensemble(dirs: dict, images: Path, output: Path, specs: Sequence[str], fusion: Sequence[str] = (),
-                     dataset: str = DATASET) -> bool:
-    """The final models ``specs`` of ``dataset`` fused by gtv-predict (with the options ``fusion``; inference as
-    INFERENCE), each model's output kept; False when an earlier run's output is there already."""
+                     dataset: str = DATASET, recipe: str = "cpuRealCT") -> bool:
+    """The final models ``specs`` of ``dataset`` and trainer suffix ``recipe`` fused by gtv-predict (with the options
+    ``fusion``; inference as INFERENCE), each model's output kept; False when an earlier run's output is there."""
     if (output / "summary.json").is_file():
         return False
     shutil.rmtree(output, ignore_errors=True)
     run([nnunet_command("gtv-predict"), "-i", str(images), "-o", str(output), "-d", dataset, "-m", *specs,
-         "-tr_suffix", "_cpuRealCT", "-p", OUR_PLANS, "-device", "cpu", "--save-model-predictions",
+         "-tr_suffix", f"_{recipe}", "-p", OUR_PLANS, "-device", "cpu", "--save-model-predictions",
          "--disable_progress_bar", *INFERENCE, *fusion], output.parent / f"{output.name}.log")
     return True
 

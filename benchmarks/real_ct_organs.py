@@ -12,7 +12,9 @@ comparison):
 2. ``plan``: our planner on real_ct.py's grid (3 x 4 x 4 mm), and ``splits_final.json`` = real_ct.py's five folds
    (nnU-Net's own, seed 12345, over dataset 920's 60 training CTs) restricted to these patients: fold 0's validation
    CTs are validation CTs of the binary fold-0 models too.
-3. ``train``: ``nnUNetTrainerGTV25D{Local,Middle,Global}_cpuRealCT`` fold 0 (``nnUNetv2_train``).
+3. ``train``: ``nnUNetTrainerGTV25D{Local,Middle,Global}_<recipe>`` fold 0 (``nnUNetv2_train``); ``--recipe``
+   cpuRealCT (500 iterations, float32; the default) or cpuRealCTLong (1400 iterations under bfloat16: the whole
+   45-minute budget). Each recipe has its own folder (``organs`` or ``organs_<recipe>``) and results file.
 4. ``validation``: the three fused (real_ct.py's rule: Local weight 0.5; region-aware) on fold 0's validation CTs
    with every component kept; ``gtv-postprocessing`` chooses each label's component rule there.
 5. ``test``: the three fused with that choice on the held-out CTs, ``gtv-evaluate`` per label (Dice, NSD, HD95,
@@ -21,9 +23,9 @@ comparison):
    fusion), on fold 0's shared validation CTs with every component kept (the study), then on the test CTs with each
    one's own rule (largest component for the binary models, the chosen rules here).
 
-Results go to ``DIR/real_ct_organs.json``, markdown on stdout.
+Results go to ``DIR/real_ct_organs.json`` (``real_ct_organs_<recipe>.json`` for another recipe), markdown on stdout.
 
-    python benchmarks/real_ct_organs.py --work DIR [--stages ...] [--docs docs/results/real_ct]
+    python benchmarks/real_ct_organs.py --work DIR [--recipe cpuRealCTLong] [--stages ...] [--docs DIR]
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ TARGETS = ("PTV70", "Brainstem", "SpinalCord", "LeftParotid", "RightParotid", "M
 FOLD = 0
 FUSION_RULE = "Local weight 0.5, largest component"  # real_ct.py's, chosen there on fold 0's validation CTs
 STAGES = ("dataset", "plan", "train", "validation", "test", "ptv70")
+RECIPES = ("cpuRealCT", "cpuRealCTLong")  # trainer suffixes; the first is real_ct.py's recipe
 log = logger("real_ct_organs")
 
 
@@ -81,20 +84,25 @@ def stage_train(dirs: dict, record: dict) -> None:
     training = record.setdefault("training", {})
     for spec in specs():
         scale = spec.split(":")[0]
-        trainer = real_ct.OUR_TRAINER.format(scale=scale)
+        trainer = f"nnUNetTrainerGTV25D{scale}_{dirs['recipe']}"
         folder = dirs["nnUNet_results"] / DATASET / f"{trainer}__{real_ct.OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
         if not (folder / "checkpoint_final.pth").is_file():
             load_before = load_average()
             seconds = real_ct.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(FOLD), "-tr",
                                    trainer, "-p", real_ct.OUR_PLANS, "-device", "cpu"],
-                                  dirs["logs"] / f"train_921_{scale}_{FOLD}.log")
+                                  dirs["logs"] / f"train_921_{scale}_{FOLD}{suffix(dirs)}.log")
             training[spec] = {"command_seconds": seconds, "load": [load_before, load_average()]}
         training.setdefault(spec, {}).update(real_ct.training_log(folder))
         log(f"{spec}: {training[spec]['epochs']} epochs, training loop {training[spec]['loop_minutes']:.1f} min")
 
 
+def suffix(dirs: dict) -> str:
+    """"" for the default recipe, "_<recipe>" for another: the names of its folders and files."""
+    return "" if dirs["recipe"] == RECIPES[0] else f"_{dirs['recipe']}"
+
+
 def work_folder(dirs: dict, name: str) -> Path:
-    folder = dirs["work"] / "organs" / name
+    folder = dirs["work"] / f"organs{suffix(dirs)}" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -102,10 +110,12 @@ def work_folder(dirs: dict, name: str) -> Path:
 def stage_validation(dirs: dict, record: dict) -> None:
     output = work_folder(dirs, "fold0_validation_all_components")
     real_ct.predict_ensemble(dirs, real_ct.validation_images(dirs, FOLD, DATASET), output, specs(),
-                             [*real_ct.fusion_options(FUSION_RULE, specs()), "--keep-all-components"], DATASET)
+                             [*real_ct.fusion_options(FUSION_RULE, specs()), "--keep-all-components"], DATASET,
+                             dirs["recipe"])
     rules = work_folder(dirs, "postprocessing.json")
     real_ct.run([nnunet_command("gtv-postprocessing"), "-p", str(output), "-r",
-                 str(dirs["nnUNet_raw"] / DATASET / "labelsTr"), "-o", str(rules)], dirs["logs"] / "postprocessing.log")
+                 str(dirs["nnUNet_raw"] / DATASET / "labelsTr"), "-o", str(rules)],
+                work_folder(dirs, "postprocessing.log"))
     record["postprocessing"] = json.loads(rules.read_text())
 
 
@@ -124,7 +134,7 @@ def stage_test(dirs: dict, record: dict) -> None:
     load_before, start = load_average(), time.perf_counter()
     if real_ct.predict_ensemble(dirs, raw / "imagesTs", output, specs(),
                                 [*real_ct.fusion_options(FUSION_RULE, specs()), "--postprocessing",
-                                 str(work_folder(dirs, "postprocessing.json"))], DATASET):
+                                 str(work_folder(dirs, "postprocessing.json"))], DATASET, dirs["recipe"]):
         record["test_predict"] = {"seconds": time.perf_counter() - start, "load": [load_before, load_average()]}
     doc = evaluate(dirs, output, raw / "labelsTs", raw / "imagesTs")
     record["test"] = {"fused": doc["summary_per_label"], "cases": doc["cases"],
@@ -206,8 +216,9 @@ def copy_overlays(dirs: dict, record: dict, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     for kind, case in (("worst", ranked[0]), ("median", ranked[len(ranked) // 2]), ("best", ranked[-1])):
         source = work_folder(dirs, "test_evaluation") / f"overlay_{case}.png"
-        shutil.copyfile(source, docs / f"organs_test_{kind}_{case}.png")
-        log(f"{kind} test CT by the organs' mean Dice: {case} -> {docs / f'organs_test_{kind}_{case}.png'}")
+        target = docs / f"organs{suffix(dirs)}_test_{kind}_{case}.png"
+        shutil.copyfile(source, target)
+        log(f"{kind} test CT by the organs' mean Dice: {case} -> {target}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,16 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--work", type=Path, required=True, help="benchmarks/real_ct.py's working folder")
     parser.add_argument("--source", type=Path, help="patient folders (default: real_ct.py's)")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="the trainers' suffix (default: %(default)s)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--docs", type=Path, help="copy the best, median and worst test overlay into this folder")
     args = parser.parse_args(argv)
-    dirs = work_folders(args.work)
+    dirs = {**work_folders(args.work), "recipe": args.recipe}
     work = dirs["work"]
     source = args.source or real_ct.DEFAULT_SOURCE
     if not source.is_dir():
         log(f"{source} not found: nothing to do")
         return 2
-    path = work / "real_ct_organs.json"
+    path = work / f"real_ct_organs{suffix(dirs)}.json"
     record = run_stages(path, {"dataset": lambda r: stage_dataset(dirs, source), "plan": lambda r: stage_plan(dirs),
                                "train": lambda r: stage_train(dirs, r),
                                "validation": lambda r: stage_validation(dirs, r),
