@@ -14,18 +14,20 @@ comparison):
    CTs are validation CTs of the binary fold-0 models too.
 3. ``train``: ``nnUNetTrainerGTV25D{Local,Middle,Global}_<recipe>`` fold 0 (``nnUNetv2_train``); ``--recipe``
    cpuRealCT (500 iterations, float32; the default) or cpuRealCTLong (1400 iterations under bfloat16: the whole
-   45-minute budget). Each recipe has its own folder (``organs`` or ``organs_<recipe>``) and results file.
-4. ``validation``: the three fused (real_ct.py's rule: Local weight 0.5; region-aware) on fold 0's validation CTs
-   with every component kept; ``gtv-postprocessing`` chooses each label's component rule there.
-5. ``test``: the three fused with that choice on the held-out CTs, ``gtv-evaluate`` per label (Dice, NSD, HD95,
+   45-minute budget). ``--folds 0 1``: the models of both folds (six). Each recipe and set of folds has its own
+   folder (``organs``, ``organs_<recipe>``, ``organs_<recipe>_folds01``) and results file.
+4. ``validation``: each fold's three fused (real_ct.py's rule: Local weight 0.5; region-aware) on that fold's
+   validation CTs with every component kept; ``gtv-postprocessing`` chooses each label's component rule on them
+   (the folds pooled, as nnU-Net's cross-validation).
+5. ``test``: all the models fused with that choice on the held-out CTs, ``gtv-evaluate`` per label (Dice, NSD, HD95,
    RVE; overlays).
-6. ``ptv70``: the PTV70 trained with the organs against the PTV70 alone (real_ct.py's three fold-0 models, same
+6. ``ptv70`` (fold 0 only): the PTV70 trained with the organs against the PTV70 alone (real_ct.py's fold-0 three, same
    fusion), on fold 0's shared validation CTs with every component kept (the study), then on the test CTs with each
    one's own rule (largest component for the binary models, the chosen rules here).
 
-Results go to ``DIR/real_ct_organs.json`` (``real_ct_organs_<recipe>.json`` for another recipe), markdown on stdout.
+Results go to ``DIR/real_ct_organs<suffix>.json`` (the folder's suffix), markdown on stdout.
 
-    python benchmarks/real_ct_organs.py --work DIR [--recipe cpuRealCTLong] [--stages ...] [--docs DIR]
+    python benchmarks/real_ct_organs.py --work DIR [--recipe cpuRealCTLong] [--folds 0 1] [--stages ...] [--docs DIR]
 """
 from __future__ import annotations
 
@@ -76,29 +78,32 @@ def stage_plan(dirs: dict) -> None:
     (folder / "splits_final.json").write_text(json.dumps(splits, indent=1) + "\n")
 
 
-def specs() -> list[str]:
-    return [f"{scale}:{FOLD}" for scale in ("Local", "Middle", "Global")]
+def specs(dirs: dict, folds: list[int] | None = None) -> list[str]:
+    """The models (SCALE:FOLD) of ``folds``, by default every fold of this run."""
+    return real_ct.our_specs(dirs["folds"] if folds is None else folds)
 
 
 def stage_train(dirs: dict, record: dict) -> None:
     training = record.setdefault("training", {})
-    for spec in specs():
-        scale = spec.split(":")[0]
+    for spec in specs(dirs):
+        scale, fold = spec.split(":")
         trainer = f"nnUNetTrainerGTV25D{scale}_{dirs['recipe']}"
-        folder = dirs["nnUNet_results"] / DATASET / f"{trainer}__{real_ct.OUR_PLANS}__3d_fullres" / f"fold_{FOLD}"
+        folder = dirs["nnUNet_results"] / DATASET / f"{trainer}__{real_ct.OUR_PLANS}__3d_fullres" / f"fold_{fold}"
         if not (folder / "checkpoint_final.pth").is_file():
             load_before = load_average()
-            seconds = real_ct.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", str(FOLD), "-tr",
+            seconds = real_ct.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", fold, "-tr",
                                    trainer, "-p", real_ct.OUR_PLANS, "-device", "cpu"],
-                                  dirs["logs"] / f"train_921_{scale}_{FOLD}{suffix(dirs)}.log")
+                                  dirs["logs"] / f"train_921_{scale}_{fold}{suffix(dirs)}.log")
             training[spec] = {"command_seconds": seconds, "load": [load_before, load_average()]}
         training.setdefault(spec, {}).update(real_ct.training_log(folder))
         log(f"{spec}: {training[spec]['epochs']} epochs, training loop {training[spec]['loop_minutes']:.1f} min")
 
 
 def suffix(dirs: dict) -> str:
-    """"" for the default recipe, "_<recipe>" for another: the names of its folders and files."""
-    return "" if dirs["recipe"] == RECIPES[0] else f"_{dirs['recipe']}"
+    """The names of a run's folder and results file: "" for the default recipe on fold 0, else "_<recipe>" and/or
+    "_folds<folds>"."""
+    return (("" if dirs["recipe"] == RECIPES[0] else f"_{dirs['recipe']}")
+            + ("" if dirs["folds"] == [FOLD] else "_folds" + "".join(map(str, dirs["folds"]))))
 
 
 def work_folder(dirs: dict, name: str) -> Path:
@@ -107,11 +112,34 @@ def work_folder(dirs: dict, name: str) -> Path:
     return folder
 
 
+def pool_folds(runs: list[Path], output: Path) -> None:
+    """The fused out-of-fold runs as one folder (cases linked, summary.csv rows joined), as gtv-postprocessing
+    reads cross-validation predictions."""
+    if (output / "summary.json").is_file():
+        return
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    rows = []
+    for run in runs:
+        for path in run.glob("*.nii.gz"):
+            (output / path.name).symlink_to(path.resolve())
+        lines = (run / "summary.csv").read_text().splitlines()
+        rows += lines[1:] if rows else lines
+    (output / "summary.csv").write_text("\n".join(rows) + "\n")
+    shutil.copyfile(runs[0] / "summary.json", output / "summary.json")
+
+
 def stage_validation(dirs: dict, record: dict) -> None:
-    output = work_folder(dirs, "fold0_validation_all_components")
-    real_ct.predict_ensemble(dirs, real_ct.validation_images(dirs, FOLD, DATASET), output, specs(),
-                             [*real_ct.fusion_options(FUSION_RULE, specs()), "--keep-all-components"], DATASET,
-                             dirs["recipe"])
+    runs = []
+    for fold in dirs["folds"]:
+        runs.append(work_folder(dirs, f"fold{fold}_validation_all_components"))
+        real_ct.predict_ensemble(dirs, real_ct.validation_images(dirs, fold, DATASET), runs[-1], specs(dirs, [fold]),
+                                 [*real_ct.fusion_options(FUSION_RULE, specs(dirs, [fold])), "--keep-all-components"],
+                                 DATASET, dirs["recipe"])
+    output = runs[0]
+    if len(runs) > 1:
+        output = work_folder(dirs, "validation_all_components")
+        pool_folds(runs, output)
     rules = work_folder(dirs, "postprocessing.json")
     real_ct.run([nnunet_command("gtv-postprocessing"), "-p", str(output), "-r",
                  str(dirs["nnUNet_raw"] / DATASET / "labelsTr"), "-o", str(rules)],
@@ -132,8 +160,8 @@ def stage_test(dirs: dict, record: dict) -> None:
     raw = dirs["nnUNet_raw"] / DATASET
     output = work_folder(dirs, "test")
     load_before, start = load_average(), time.perf_counter()
-    if real_ct.predict_ensemble(dirs, raw / "imagesTs", output, specs(),
-                                [*real_ct.fusion_options(FUSION_RULE, specs()), "--postprocessing",
+    if real_ct.predict_ensemble(dirs, raw / "imagesTs", output, specs(dirs),
+                                [*real_ct.fusion_options(FUSION_RULE, specs(dirs)), "--postprocessing",
                                  str(work_folder(dirs, "postprocessing.json"))], DATASET, dirs["recipe"]):
         record["test_predict"] = {"seconds": time.perf_counter() - start, "load": [load_before, load_average()]}
     doc = evaluate(dirs, output, raw / "labelsTs", raw / "imagesTs")
@@ -158,6 +186,8 @@ def compare(with_organs: dict[str, float], alone: dict[str, float]) -> dict:
 
 def stage_ptv70(dirs: dict, record: dict) -> None:
     """The binary fold-0 models' saved outputs (benchmarks/review_scores.py's predict stage) re-fused as needed."""
+    if dirs["folds"] != [FOLD]:
+        raise SystemExit(f"the ptv70 stage compares the three models of fold {FOLD}: run it without --folds")
     binary_specs = real_ct.our_specs([FOLD])
     validation_run = dirs["work"] / "review_scores" / f"fold_{FOLD}_validation_abstain"
     test_run = dirs["work"] / "review_scores" / "test_abstain"
@@ -228,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, help="patient folders (default: real_ct.py's)")
     parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
                         help="the trainers' suffix (default: %(default)s)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[FOLD], help="folds whose models are trained and fused "
+                        "(default: %(default)s)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--docs", type=Path, help="copy the best, median and worst test overlay into this folder")
     args = parser.parse_args(argv)
-    dirs = {**work_folders(args.work), "recipe": args.recipe}
+    dirs = {**work_folders(args.work), "recipe": args.recipe, "folds": sorted(set(args.folds))}
     work = dirs["work"]
     source = args.source or real_ct.DEFAULT_SOURCE
     if not source.is_dir():
