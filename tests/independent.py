@@ -11,6 +11,19 @@ from scipy import ndimage
 def region_aware_fusion(folders: list[Path], case: str) -> np.ndarray:
     """The models' saved probabilities averaged over the models whose region holds each voxel, argmax: written
     here from the npz files, nothing of the package's fusion."""
+    total, count = _region_aware_sum(folders, case)
+    return np.where(count > 0, np.argmax(total, axis=0), 0)
+
+
+def near_ties(folders: list[Path], case: str, tolerance: float = 1e-3) -> np.ndarray:
+    """Voxels whose two most probable labels (region-aware mean) lie within ``tolerance``: there the argmax may
+    differ between two correct fusions that only add the float16 probabilities in another precision or order."""
+    total, count = _region_aware_sum(folders, case)
+    top_two = np.sort(total / np.maximum(count, 1), axis=0)[-2:]
+    return (count > 0) & (top_two[1] - top_two[0] < tolerance)
+
+
+def _region_aware_sum(folders: list[Path], case: str) -> tuple[np.ndarray, np.ndarray]:
     total, count = None, None
     for folder in folders:
         with np.load(folder / f"{case}.npz") as saved:
@@ -21,7 +34,7 @@ def region_aware_fusion(folders: list[Path], case: str) -> np.ndarray:
                 covered[tuple(slice(a, b) for a, b in saved["region"])] = True
         total = probabilities * covered if total is None else total + probabilities * covered
         count = covered.astype(int) if count is None else count + covered
-    return np.where(count > 0, np.argmax(total, axis=0), 0)
+    return total, count
 
 
 def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:

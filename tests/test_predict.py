@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIOWithReorient
 
 from conftest import DATASET_ID, DATASET_NAME, kill_while_writing, run_cli
-from independent import largest_component, region_aware_fusion
+from independent import largest_component, near_ties, region_aware_fusion
 from nnunetv2_gtv.evaluation.metrics import dice_score
 from nnunetv2_gtv.cli.predict import main
 from nnunetv2_gtv.cli.uncertainty import main as uncertainty_main
@@ -198,7 +198,8 @@ def test_model_predictions_are_nnunet_folders_that_gtv_uncertainty_fuses_identic
     # read in the orientation the plans read CTs in, as the probabilities were saved
     expected, _ = largest_component(region_aware_fusion([Path(f) for f in folders], "case_006") == 1)
     fused_as_read = SimpleITKIOWithReorient().read_seg(str(out / "case_006.nii.gz"))[0][0]
-    np.testing.assert_array_equal(fused_as_read == 1, expected)
+    differing = (fused_as_read == 1) != expected  # only where the mean probabilities tie (float16 inputs)
+    assert not (differing & ~near_ties([Path(f) for f in folders], "case_006")).any() and differing.sum() <= 5
 
 
 def test_review_switch_writes_the_page_with_every_case_and_its_ct(restricted_run):
